@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine:
+#   make run    set up .venv, generate the sample corpus, run recipes/sample.yaml on an embedded Ray
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/tinyprep sample data/sample
+	$(BIN)/tinyprep run recipes/sample.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python tests/benchmarks/bench_ingest.py
+
+clean:
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,290 @@
+"""The typed recipe: load a YAML file once, validate it, and pass the result down.
+
+Errors never surface as tracebacks: `RecipeError` names the file and the key path
+(`recipes/x.yaml: sources[1].weight: must be > 0`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES = ("download", "ingest")
+FORMATS = ("jsonl", "jsonl.zst", "jsonl.gz", "parquet")
+
+
+class RecipeError(Exception):
+    """A recipe that cannot be used; the message names the file and the key path."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RayConfig(_Model):
+    address: str | None = Field(
+        None, description="Ray cluster address; null = RAY_ADDRESS if set, else an embedded local Ray"
+    )
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded local Ray (default: all)")
+    task_retries: int = Field(3, ge=0, description="retries of a task that raised or whose worker died")
+    retry_backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
+    retry_backoff_max_s: float = Field(60.0, ge=0)
+    log_every_s: float = Field(10.0, gt=0, description="progress log period when stdout is not a terminal")
+
+
+class DownloadConfig(_Model):
+    retries: int = Field(5, ge=0, description="reconnects per file inside one task (resuming where it stopped)")
+    block_mb: int = Field(8, gt=0, description="read size per request")
+    verify_checksum: bool = True
+
+
+class IngestConfig(_Model):
+    max_errors: int | None = Field(
+        0, ge=0, description="unreadable records/files tolerated per run before the stage fails (null: any)"
+    )
+    max_document_bytes: int = Field(
+        16 << 20, gt=0, description="larger documents are dropped (filtered: too_large) and reported"
+    )
+    parquet_compression: Literal["zstd", "snappy", "none"] = "zstd"
+    rows_per_group: int = Field(4096, gt=0, description="documents per row group of the output parquet")
+    split_row_groups: int = Field(
+        0, ge=0, description="split a parquet input into tasks of this many row groups (0: one task per file)"
+    )
+    report_issues: int = Field(50, ge=0, description="bad records listed per task (all are counted)")
+
+
+class FilterSpec(_Model):
+    """A datatrove filter block: import path and constructor arguments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    class_: str = Field(alias="class", pattern=r"^[A-Za-z_][\w.]*\.[A-Za-z_]\w*$")
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class SelectConfig(_Model):
+    include: dict[str, list[str]] = Field(
+        default_factory=dict, description="keep only records whose field (dotted path) equals one of the values"
+    )
+    exclude: dict[str, list[str]] = Field(
+        default_factory=dict, description="drop records whose field equals one of the values"
+    )
+    dirs: list[str] | None = Field(
+        None, description="exact first-level directory names under the source root (Starcoder languages)"
+    )
+
+
+class SourceConfig(_Model):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    urls: list[str] = Field(default_factory=list, description="fsspec URLs or globs")
+    url_list: str | None = Field(None, description="a text file (any fsspec URL) listing input URLs, one a line")
+    url_list_match: str | None = Field(None, description="keep only listed URLs matching this glob")
+    format: Literal["auto", "jsonl", "jsonl.zst", "jsonl.gz", "parquet"] = "auto"
+    download: bool = Field(False, description="copy into RUN/raw first (else read in place)")
+    text_field: str = "text"
+    metadata: list[str] = Field(default_factory=list, description="fields (dotted paths) to keep")
+    subset: str | None = Field(
+        None, description="what stats are grouped by: a field path, or 'dir' (first directory level)"
+    )
+    select: SelectConfig = SelectConfig()
+    normalize: Literal["nfc", "none"] = "nfc"
+    min_chars: int | None = Field(
+        200, ge=0, description="SlimPajama's short-document filter on normalized text; null disables"
+    )
+    filters: list[FilterSpec] = Field(default_factory=list)
+    weight: float | None = Field(None, gt=0, description="mixture weight (recorded for the mix stage)")
+
+    @field_validator("urls")
+    @classmethod
+    def _urls_not_empty(cls, v: list[str]) -> list[str]:
+        for u in v:
+            if not u.strip():
+                raise ValueError("must not contain an empty URL")
+        return v
+
+    @model_validator(mode="after")
+    def _has_inputs(self) -> "SourceConfig":
+        if not self.urls and not self.url_list:
+            raise ValueError("needs urls or url_list")
+        return self
+
+
+class TokenizerRef(_Model):
+    model: str = Field(description="SentencePiece tokenizer.model (recorded for the tokenize stage)")
+
+
+class Recipe(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    output: str = Field(description="run directory (any fsspec URL)")
+    stages: list[Literal["download", "ingest"]] = Field(default_factory=lambda: list(STAGES))
+    sources: list[SourceConfig] = Field(min_length=1)
+    ray: RayConfig = RayConfig()
+    download: DownloadConfig = DownloadConfig()
+    ingest: IngestConfig = IngestConfig()
+    tokenizer: TokenizerRef | None = None
+    token_budget: int | None = Field(None, gt=0, description="tokens to train on (recorded for the mix stage)")
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_order(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("lists a stage twice")
+        if v != sorted(v, key=STAGES.index):
+            raise ValueError(f"stages must follow the flow order {list(STAGES)}")
+        return v
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, v: list[SourceConfig]) -> list[SourceConfig]:
+        seen: set[str] = set()
+        for s in v:
+            if s.name in seen:
+                raise ValueError(f"source name {s.name!r} is used twice")
+            seen.add(s.name)
+        return v
+
+    def source(self, name: str) -> SourceConfig:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def fingerprint(self, *parts: Any) -> str:
+        """A short stable hash of parts of the recipe (used in task fingerprints)."""
+        h = hashlib.sha256()
+        for p in parts:
+            if isinstance(p, BaseModel):
+                p = p.model_dump(mode="json", by_alias=True)
+            h.update(orjson.dumps(p, option=orjson.OPT_SORT_KEYS))
+        return h.hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+_MESSAGES = {
+    "greater_than": lambda c: f"must be > {_num(c['gt'])}",
+    "greater_than_equal": lambda c: f"must be >= {_num(c['ge'])}",
+    "missing": lambda c: "is required",
+    "extra_forbidden": lambda c: "is not a known key",
+    "too_short": lambda c: f"must have at least {c.get('min_length', 1)} item(s)",
+    "string_pattern_mismatch": lambda c: f"must match {c['pattern']}",
+}
+
+
+def _format_errors(path: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        make = _MESSAGES.get(e["type"])
+        msg = make(e.get("ctx", {})) if make else e["msg"]
+        if e["type"] == "literal_error":
+            msg = f"{msg} (got {e['input']!r})"
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"{path}: {_fmt_loc(loc)}: {msg}")
+    return "\n".join(lines)
+
+
+_SET_KEY = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `--set key.path[1].x=value` (value parsed as YAML) to the raw recipe dict."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    parts: list[str | int] = []
+    for name, idx in _SET_KEY.findall(key.strip()):
+        parts.append(int(idx) if idx else (int(name) if name.isdigit() else name))
+    if not parts:
+        raise RecipeError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {key}: value is not valid YAML: {e}") from None
+    node: Any = data
+    for i, p in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        try:
+            if isinstance(p, int):
+                node = node[p]
+            else:
+                node = node.setdefault(p, [] if isinstance(nxt, int) else {})
+        except (IndexError, KeyError, TypeError, AttributeError):
+            raise RecipeError(f"--set {key}: {_fmt_loc(tuple(parts[: i + 1]))} does not exist") from None
+    last = parts[-1]
+    try:
+        node[last] = value
+    except (IndexError, TypeError):
+        raise RecipeError(f"--set {key}: {_fmt_loc(tuple(parts))} does not exist") from None
+
+
+def _resolve_local(url: str, base: Path) -> str:
+    """Make relative local paths absolute (relative to the working directory)."""
+    if "://" in url or url.startswith("/"):
+        return url
+    return str(base.resolve() / url)
+
+
+def parse_recipe(data: Any, path: str = "<recipe>", overrides: list[str] = (), output: str | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: the recipe must be a mapping of keys, got {type(data).__name__}")
+    data = orjson.loads(orjson.dumps(data))  # deep copy, JSON types only
+    for o in overrides:
+        apply_override(data, o)
+    if output is not None:
+        data["output"] = output
+    base = Path(os.getcwd())
+    if isinstance(data.get("output"), str):
+        data["output"] = _resolve_local(data["output"], base)
+    for src in data.get("sources") or []:
+        if isinstance(src, dict) and isinstance(src.get("urls"), list):
+            src["urls"] = [_resolve_local(u, base) if isinstance(u, str) else u for u in src["urls"]]
+        if isinstance(src, dict) and isinstance(src.get("url_list"), str):
+            src["url_list"] = _resolve_local(src["url_list"], base)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(path, e)) from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), output: str | None = None) -> Recipe:
+    """Read, override (`--set`), resolve local paths and validate a recipe file."""
+    p = str(path)
+    try:
+        with open(p, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as e:
+        raise RecipeError(f"{p}: cannot read the recipe: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise RecipeError(f"{p}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    return parse_recipe(data, p, overrides, output)
