@@ -80,8 +80,16 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     else:
-        with fs.open(path, mode) as fh:
+        # Object stores upload on close: without autocommit=False a failed block would still
+        # publish a partial object.
+        fh = fs.open(path, mode, autocommit=False)
+        try:
             yield fh
+        except BaseException:
+            fh.discard()
+            raise
+        fh.close()  # uploads the last part
+        fh.commit()  # publishes the object
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -176,7 +184,8 @@ def _info_to_input(fs, proto: str, root_path: str, info: dict) -> InputFile:
     rel = posixpath.relpath(path, root_path) if root_path else path
     checksum = _checksum(info)
     url = path if not proto or proto == "file://" else fs.unstrip_protocol(path)
-    return InputFile(url=url, rel_path=rel, size=int(info.get("size") or 0), checksum=checksum,
+    size = info.get("size")
+    return InputFile(url=url, rel_path=rel, size=-1 if size is None else int(size), checksum=checksum,
                      version=_version(info, checksum))
 
 
@@ -193,6 +202,8 @@ def expand_urls(patterns: list[str]) -> list[InputFile]:
         if any(c in path for c in _GLOB_CHARS):
             found = fs.glob(path, detail=True)
             infos = [i for i in found.values() if i.get("type", "file") == "file"]
+            # Some listings (http directory pages) carry no size or version: ask each file.
+            infos = [fs.info(i["name"]) if i.get("size") is None else i for i in infos]
         else:
             try:
                 info = fs.info(path)
