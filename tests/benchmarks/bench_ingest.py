@@ -1,0 +1,258 @@
+"""Benchmark: ingest throughput against the floor of reading the same files.
+
+    python tests/benchmarks/bench_ingest.py [--mb 30] [--files 4] [--runs 3] [--json]
+
+Builds about `--mb` MB of text as SlimPajama-like `jsonl.zst` files (documents made of stdlib
+docstrings, about 4.5 KB on average like SlimPajama's; a third with some non-ASCII text, 0.5%
+with decomposed (NFD) accents, 2% short), then, in this process:
+
+* floor: zstd stream decompression plus `orjson.loads` of every line of the same files;
+* ingest: `pipeline.ingest.run_task` on every file (plan made from a recipe built in code:
+  SlimPajama settings, NFC, min_chars 200, a selection, a subset and a metadata field), once
+  with the recipe's default parquet compression (zstd) and once with `none` (the codec's cost
+  apart).
+
+Speeds are MB of document text per CPU-second of this process (`time.process_time`, all
+threads counted), i.e. per core; best of `--runs`. Importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import random
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+SETS = ["RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaBook", "RedPajamaArXiv", "RedPajamaWikipedia",
+        "RedPajamaStackExchange"]
+
+
+def stdlib_docstrings(limit_bytes: int = 4 << 20) -> list[str]:
+    """Docstrings of the running Python's stdlib (sorted walk, deterministic), up to limit_bytes."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out, seen, total = [], set(), 0
+    for path in sorted(root.rglob("*.py")):
+        parts = set(path.relative_to(root).parts)
+        if parts & {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib"}:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 40 and doc not in seen:
+                    seen.add(doc)
+                    out.append(doc)
+                    total += len(doc)
+        if total >= limit_bytes:
+            break
+    return out
+
+
+def generate_corpus(out_dir: str | os.PathLike, mb: float = 30, files: int = 4, seed: int = 0) -> dict:
+    """Write SlimPajama-like chunk*/example_train_*.jsonl.zst files; returns sizes and counts."""
+    import orjson
+    import zstandard
+
+    rng = random.Random(seed)
+    docs = stdlib_docstrings()
+    accents = ["café", "naïve", "Zürich", "“quoted”", "— dash", "Ελληνικά", "日本語", "don’t"]
+    nfd = "e\u0301te\u0301 a\u0300 Mu\u0308nchen"  # decomposed: NFC changes it
+    target = int(mb * 1e6)
+    per_file = target // files
+    out = Path(out_dir)
+    text_bytes = n_docs = 0
+    cctx = zstandard.ZstdCompressor(level=3)
+    for f in range(files):
+        lines, size = [], 0
+        while size < per_file:
+            k = max(1, min(60, int(rng.lognormvariate(2.2, 1.0))))
+            text = "\n\n".join(rng.choice(docs) for _ in range(k))
+            r = rng.random()
+            if r < 0.02:
+                text = text[: rng.randrange(20, 150)]
+            elif r < 0.35:  # a third of SlimPajama-like documents has some non-ASCII text
+                pos = rng.randrange(len(text))
+                extra = nfd if r < 0.025 else rng.choice(accents)
+                text = text[:pos] + " " + extra + " " + text[pos:]
+            lines.append(orjson.dumps({"text": text, "meta": {"redpajama_set_name": rng.choice(SETS)}}))
+            b = len(text.encode("utf-8"))
+            size += b
+            text_bytes += b
+            n_docs += 1
+        p = out / f"chunk{f % 2 + 1}" / f"example_train_{f}.jsonl.zst"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(cctx.compress(b"\n".join(lines) + b"\n"))
+    return {"files": files, "docs": n_docs, "text_bytes": text_bytes}
+
+
+def corpus_files(root: str | os.PathLike) -> list[Path]:
+    return sorted(Path(root).rglob("*.jsonl.zst"))
+
+
+def floor_pass(paths: list[Path]) -> int:
+    """Decompress (streaming) and orjson.loads every line; returns the number of records."""
+    import orjson
+    import zstandard
+
+    loads = orjson.loads
+    n = 0
+    for p in paths:
+        with open(p, "rb") as fh:
+            reader = zstandard.ZstdDecompressor().stream_reader(fh)
+            rest = b""
+            while True:
+                chunk = reader.read(1 << 20)
+                if not chunk:
+                    break
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    if line:
+                        loads(line)
+                        n += 1
+    return n
+
+
+def make_recipe(corpus: str, run_dir: str, compression: str = "zstd"):
+    from pipeline.recipe import parse_recipe
+
+    return parse_recipe({
+        "name": "bench",
+        "output": run_dir,
+        "stages": ["ingest"],
+        "sources": [{
+            "name": "slimpajama",
+            "urls": [f"{corpus}/**/*.jsonl.zst"],
+            "text_field": "text",
+            "subset": "meta.redpajama_set_name",
+            "metadata": ["meta.redpajama_set_name"],
+            "select": {"exclude": {"meta.redpajama_set_name": ["RedPajamaGithub"]}},
+            "normalize": "nfc",
+            "min_chars": 200,
+        }],
+        "ingest": {"parquet_compression": compression, "max_errors": None},
+    })
+
+
+def ingest_pass(recipe, run_dir: str, planned) -> dict:
+    from pipeline import ingest
+
+    docs = kept = nbytes = 0
+    for task in planned:
+        r = ingest.run_task(task, recipe, run_dir)
+        docs += r["docs"]
+        nbytes += r["bytes"]
+        kept += r["stats"]["sources"][task.source]["kept"]
+    return {"docs": docs, "kept": kept, "bytes": nbytes}
+
+
+def _timed(fn) -> tuple[float, float, object]:
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.process_time() - c0, time.perf_counter() - w0, out
+
+
+def run_benchmark(mb: float = 30, files: int = 4, runs: int = 3, corpus: str | None = None,
+                  profile: str | None = None) -> dict:
+    """Generate (or use) a corpus and time floor and ingest, best of `runs` each.
+
+    The measurements are interleaved (floor, ingest zstd, ingest none, floor, ...) so that a
+    slow spell of a shared machine weighs on all of them alike. `profile`: a pstats sort key;
+    prints a cProfile of one ingest (zstd) pass first.
+    """
+    from pipeline import ingest
+
+    with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp:
+        if corpus is None:
+            corpus = os.path.join(tmp, "corpus")
+            info = generate_corpus(corpus, mb=mb, files=files)
+        else:
+            info = {"files": len(corpus_files(corpus))}
+        paths = corpus_files(corpus)
+        in_bytes = sum(p.stat().st_size for p in paths)
+        results = {"corpus": {**info, "compressed_bytes": in_bytes}, "runs": runs, "python": sys.version.split()[0]}
+
+        floor_name = "floor (zstd + orjson.loads)"
+        jobs = {floor_name: (lambda: floor_pass(paths), None)}
+        for compression in ("zstd", "none"):
+            run_dir = os.path.join(tmp, f"run-{compression}")
+            recipe = make_recipe(corpus, run_dir, compression)
+            planned = ingest.plan(recipe, run_dir)
+            if profile and compression == "zstd":
+                import cProfile
+                import pstats
+
+                prof = cProfile.Profile()
+                prof.runcall(ingest_pass, recipe, run_dir, planned)
+                pstats.Stats(prof).sort_stats(profile).print_stats(35)
+            # outputs are removed before each run (untimed): replacing a file would time its deletion
+            jobs[f"ingest ({compression})"] = (
+                lambda recipe=recipe, run_dir=run_dir, planned=planned: ingest_pass(recipe, run_dir, planned),
+                lambda run_dir=run_dir: shutil.rmtree(os.path.join(run_dir, "docs"), ignore_errors=True))
+        rows: dict[str, dict] = {}
+        text_bytes = 0
+        for _ in range(runs):
+            for name, (fn, setup) in jobs.items():
+                if setup:
+                    setup()
+                cpu, wall, out = _timed(fn)
+                row = rows.setdefault(name, {"cpu_s": cpu, "wall_s": wall})
+                row["cpu_s"], row["wall_s"] = min(row["cpu_s"], cpu), min(row["wall_s"], wall)
+                if isinstance(out, dict):
+                    row.update(docs=out["docs"], kept=out["kept"])
+                    text_bytes = out["bytes"]
+                else:
+                    row.update(docs=out, kept=None)
+        floor_speed = text_bytes / 1e6 / rows[floor_name]["cpu_s"]
+        for row in rows.values():
+            row["mb_per_s_per_core"] = text_bytes / 1e6 / row["cpu_s"]
+            row["ratio_to_floor"] = row["mb_per_s_per_core"] / floor_speed
+        results["text_mb"] = text_bytes / 1e6
+        results["rows"] = rows
+        results["goal"] = "ingest (zstd) ratio_to_floor >= 0.7"
+        return results
+
+
+def format_table(res: dict) -> str:
+    lines = [f"text: {res['text_mb']:.1f} MB in {res['corpus']['files']} jsonl.zst files "
+             f"({res['corpus']['compressed_bytes'] / 1e6:.1f} MB compressed); best of {res['runs']}; "
+             f"MB/s = MB of text per CPU-second",
+             f"{'':30s} {'MB/s/core':>10s} {'ratio':>7s} {'cpu s':>7s} {'wall s':>7s} {'docs':>7s} {'kept':>7s}"]
+    for name, r in res["rows"].items():
+        kept = "" if r["kept"] is None else r["kept"]
+        lines.append(f"{name:30s} {r['mb_per_s_per_core']:10.1f} {r['ratio_to_floor']:7.2f} {r['cpu_s']:7.3f} "
+                     f"{r['wall_s']:7.3f} {r['docs']:7d} {kept:>7}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, default=30, help="MB of text to generate")
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--corpus", help="use these jsonl.zst files (a directory) instead of generating")
+    ap.add_argument("--profile", nargs="?", const="tottime", help="print a cProfile of one ingest pass (sort key)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    res = run_benchmark(args.mb, args.files, args.runs, args.corpus, profile=args.profile)
+    if args.json:
+        import json
+
+        print(json.dumps(res, indent=2, sort_keys=True))
+    else:
+        print(format_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

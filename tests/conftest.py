@@ -1,0 +1,51 @@
+"""Shared fixtures: the sample corpus (generated once per session) and a CLI runner."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    from pipeline.sample import generate_sample
+
+    out = tmp_path_factory.mktemp("sample") / "sample"
+    generate_sample(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory, sample_dir) -> Path:
+    """A working directory where `data/sample` is the sample: recipes/sample.yaml runs as is."""
+    wd = tmp_path_factory.mktemp("wd")
+    (wd / "data").mkdir()
+    (wd / "data" / "sample").symlink_to(sample_dir)
+    return wd
+
+
+def tinyprep(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300,
+             **popen) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh process (its own Ray), as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def tree_digest(root: Path, *subdirs: str) -> dict[str, str]:
+    """sha256 of every file under the given subdirectories of a run (relative path -> hash)."""
+    out = {}
+    for sub in subdirs:
+        base = root / sub
+        for p in sorted(base.rglob("*")):
+            if p.is_file():
+                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
