@@ -77,16 +77,35 @@ _RETRY_BACKOFF_S = 0.2
 # Ids, formats, planning
 
 
+def _file_key(source: str, rel_path: str) -> int:
+    return int.from_bytes(blake2b(f"{source}/{rel_path}".encode(), digest_size=8).digest(), "little")
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer: a bijection of uint64 that mixes every input bit into every output bit."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _document_ids(source: str, rel_path: str, rows) -> np.ndarray:
+    """Ids of records `rows` of one file, vectorized (see document_id)."""
+    with np.errstate(over="ignore"):
+        r = np.asarray(rows, dtype=np.uint64)
+        return _splitmix64(np.uint64(_file_key(source, rel_path)) + (r + np.uint64(1)) * _GOLDEN)
+
+
 def document_id(source: str, rel_path: str, row: int) -> int:
-    """Stable 64-bit id of a record: blake2b-64 of "source/rel_path#row", little-endian."""
-    digest = blake2b(f"{source}/{rel_path}#{row}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    """Stable 64-bit id of record `row` (0-based) of an input file.
 
-
-def _document_ids(source: str, rel_path: str, rows: list[int]) -> np.ndarray:
-    prefix = f"{source}/{rel_path}#".encode()
-    digests = b"".join([blake2b(b"%s%d" % (prefix, r), digest_size=8).digest() for r in rows])
-    return np.frombuffer(digests, dtype="<u8")
+    splitmix64(K + (row + 1) * 0x9E3779B97F4A7C15 mod 2**64), where K is blake2b-64
+    (little-endian) of "source/rel_path". Distinct rows of a file never collide (the map is a
+    bijection), and the ids do not depend on splits, retries or worker counts.
+    """
+    return int(_document_ids(source, rel_path, [row])[0])
 
 
 def detect_format(rel_path: str) -> str:
@@ -212,6 +231,17 @@ def _length_lower_bound(prefix: str) -> int:
     if not b.isascii():
         n -= sum([b.count(s) for s in _SPACE_SUSPECTS])
     return n
+
+
+def _utf8_prefix_bound(b: bytes, k: int) -> int:
+    """_length_lower_bound of the text whose UTF-8 is `b`, on its first k bytes, without decoding.
+
+    The cut may split a character; subtracting 1 keeps it a lower bound (a split whitespace
+    character would be counted by its lead byte and not subtracted as a suspect).
+    """
+    pre = b[:k]
+    return (int.from_bytes(pre.translate(_COUNTED), "little").bit_count()
+            - sum([pre.count(s) for s in _SPACE_SUSPECTS]) - 1)
 
 
 def _prefix_len(min_chars: int) -> int:
@@ -583,8 +613,8 @@ class _Ingest:
             m, counted = src.min_chars, _COUNTED
             k = _prefix_len(m)
             out = [p for p in alive
-                   if (type(U[p]) is bytes
-                       or int.from_bytes(U[p][:k].encode().translate(counted), "little").bit_count() < m)
+                   if (int.from_bytes(U[p][:k].encode().translate(counted), "little").bit_count() < m
+                       if type(U[p]) is str else _utf8_prefix_bound(U[p], k) < m)
                    and is_short(T[p], m)]
             if out:
                 self._filtered(subs, out, "short")

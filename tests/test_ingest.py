@@ -448,8 +448,18 @@ def test_plan_formats_and_fingerprints(tmp_path):
 def test_document_id_definition():
     import hashlib
 
-    d = hashlib.blake2b(b"slim/chunk1/x.jsonl.zst#7", digest_size=8).digest()
-    assert ingest.document_id("slim", "chunk1/x.jsonl.zst", 7) == int.from_bytes(d, "little")
+    # the documented definition, computed here with Python integers
+    def splitmix64(x):
+        m = (1 << 64) - 1
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+        return x ^ (x >> 31)
+
+    k = int.from_bytes(hashlib.blake2b(b"slim/chunk1/x.jsonl.zst", digest_size=8).digest(), "little")
+    expected = splitmix64((k + 8 * 0x9E3779B97F4A7C15) % (1 << 64))
+    assert ingest.document_id("slim", "chunk1/x.jsonl.zst", 7) == expected
+    ids = ingest._document_ids("slim", "chunk1/x.jsonl.zst", range(100_000))
+    assert len(set(ids.tolist())) == 100_000  # no collision within a file
     assert list(ingest._document_ids("slim", "chunk1/x.jsonl.zst", [7, 8])) == [
         ingest.document_id("slim", "chunk1/x.jsonl.zst", r) for r in (7, 8)]
 
