@@ -16,7 +16,7 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("download", "ingest")
+STAGES = ("download", "ingest", "dedup", "tokenize", "mix")  # the flow order
 FORMATS = ("jsonl", "jsonl.zst", "jsonl.gz", "parquet")
 
 
@@ -116,19 +116,78 @@ class SourceConfig(_Model):
 
 
 class TokenizerRef(_Model):
-    model: str = Field(description="SentencePiece tokenizer.model (recorded for the tokenize stage)")
+    model: str = Field(description="SentencePiece tokenizer.model (Llama-2's, or one from train-tokenizer)")
+
+
+class DedupConfig(_Model):
+    """Global exact and fuzzy (MinHash LSH) deduplication across all sources."""
+
+    exact: bool = Field(True, description="drop exact duplicates of the normalized text")
+    fuzzy: bool = Field(True, description="drop near duplicates (MinHash LSH + connected components)")
+    priority: list[str] = Field(
+        default_factory=list, description="source names, most preferred first: the survivor of a cluster"
+    )
+    shingle: Literal["chars", "words"] = Field("chars", description="character or word n-gram shingles")
+    shingle_size: int = Field(13, gt=0, description="SlimPajama: 13 characters; datatrove: 5 words")
+    normalize: Literal["slimpajama", "none"] = Field(
+        "slimpajama", description="lowercase, strip punctuation, collapse whitespace before shingling"
+    )
+    permutations: int = Field(128, gt=0)
+    bands: int = Field(9, gt=0)
+    rows: int = Field(13, gt=0, description="rows per band")
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of a duplicate")
+    verify: bool = Field(True, description="check candidate pairs with the exact shingle Jaccard")
+    partitions: int = Field(16, gt=0, description="hash-range partitions per band (the shuffle's width)")
+    seed: int = 1
+    max_task_memory_mb: int = Field(2048, gt=0, description="memory bound of one dedup task")
+
+    @model_validator(mode="after")
+    def _bands_fit(self) -> "DedupConfig":
+        if self.bands * self.rows > self.permutations:
+            raise ValueError(f"bands x rows ({self.bands} x {self.rows}) must be <= permutations ({self.permutations})")
+        return self
+
+
+class TokenizeConfig(_Model):
+    """Tokenize with SentencePiece and pack into Megatron .bin/.idx shards."""
+
+    bos: bool = Field(True, description="prepend BOS to every document (TinyLlama: BOS as the separator)")
+    eos: bool = Field(False, description="append EOS to every document")
+    shard_mb: int = Field(256, gt=0, description="target size of a .bin shard")
+    holdout_fraction: float = Field(
+        0.0017, ge=0, lt=1, description="validation holdout by document-id hash (SlimPajama: 0.17%)"
+    )
+    holdout_seed: int = 0
+    dedup_holdout: bool = Field(True, description="drop train documents whose text equals a holdout document")
+    cpus_per_task: int = Field(1, gt=0, description="CPUs (encoding threads) each tokenize task gets")
+    batch_docs: int = Field(1024, gt=0, description="documents per encoding batch")
+
+
+class MixConfig(_Model):
+    """Turn source weights and a token budget into the plan the loader follows."""
+
+    token_budget: int | None = Field(None, gt=0, description="training tokens (TinyLlama: 3e12); null: one epoch")
+    weights: Literal["explicit", "proportional"] = Field(
+        "explicit", description="explicit: sources[].weight; proportional: by available tokens"
+    )
+    seq_len: int = Field(2048, gt=0, description="tokens per sample; the loader reads seq_len + 1")
+    seed: int = 42
+    max_epochs: float = Field(4.0, gt=0, description="warn when a source would repeat more often than this")
 
 
 class Recipe(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
     output: str = Field(description="run directory (any fsspec URL)")
-    stages: list[Literal["download", "ingest"]] = Field(default_factory=lambda: list(STAGES))
+    stages: list[Literal["download", "ingest", "dedup", "tokenize", "mix"]] = Field(
+        default_factory=lambda: ["download", "ingest"])
     sources: list[SourceConfig] = Field(min_length=1)
     ray: RayConfig = RayConfig()
     download: DownloadConfig = DownloadConfig()
     ingest: IngestConfig = IngestConfig()
+    dedup: DedupConfig = DedupConfig()
     tokenizer: TokenizerRef | None = None
-    token_budget: int | None = Field(None, gt=0, description="tokens to train on (recorded for the mix stage)")
+    tokenize: TokenizeConfig = TokenizeConfig()
+    mix: MixConfig = MixConfig()
 
     @field_validator("stages")
     @classmethod

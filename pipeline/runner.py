@@ -43,7 +43,13 @@ from .tasks import Task, record_url
 
 log = logging.getLogger("tinyprep")
 
-STAGE_MODULES = {"download": "pipeline.download", "ingest": "pipeline.ingest"}
+STAGE_MODULES = {
+    "download": "pipeline.download",
+    "ingest": "pipeline.ingest",
+    "dedup": "pipeline.dedup",
+    "tokenize": "pipeline.tokenize",
+    "mix": "pipeline.mix",
+}
 FAULTS_ENV = "TINYPREP_FAULTS"
 FORWARDED_ENV = (FAULTS_ENV,)
 
@@ -193,69 +199,63 @@ def _cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[-1] if text else ''}"
 
 
+def _phases(module, recipe: Recipe, run_url: str):
+    """The phases of a stage: one unnamed phase, or what the module's next_phase() yields."""
+    if not hasattr(module, "next_phase"):
+        yield None
+        return
+    phase = None
+    while (phase := module.next_phase(recipe, run_url, phase)) is not None:
+        yield phase
+
+
 def run_stage(ray, stage: str, recipe: Recipe, run_url: str, cluster_cpus: int) -> StageReport:
+    """Plan and run every phase of a stage; merge the stats of all its completion records.
+
+    A stage module may have phases (dedup: signatures, buckets, component rounds, ...): it then
+    defines `next_phase(recipe, run_url, previous) -> str | None`, and `plan(recipe, run_url,
+    phase)` is called once the previous phase has completed (its outputs are its input). Task
+    ids are unique across the stage's phases. `task_cpus(recipe)` gives the CPUs each task gets
+    (default 1) and `finish(recipe, run_url, records)` runs after the last phase succeeded.
+    """
     module = importlib.import_module(STAGE_MODULES[stage])
     t0 = time.monotonic()
-    tasks: list[Task] = module.plan(recipe, run_url)
-    ids = [t.id for t in tasks]
-    if len(set(ids)) != len(ids):
-        raise RuntimeError(f"{stage}: plan produced duplicate task ids")
-    records = _existing_records(run_url, stage, tasks)
-    todo = [t for t in tasks if t.id not in records]
-    log.info("%s: %d tasks, %d already done, %d to run", stage, len(tasks), len(records), len(todo))
-    progress = StageProgress(stage, len(tasks), sum(t.size for t in tasks), len(records), recipe.ray.log_every_s)
+    cpus_per_task = int(module.task_cpus(recipe)) if hasattr(module, "task_cpus") else 1
+    records: dict[str, dict] = {}
     failed: list[tuple[str, str]] = []
-
-    if todo:
-        remote = ray.remote(num_cpus=1, max_retries=0)(execute_task)
-        recipe_ref = ray.put(recipe)
-        max_inflight = max(2 * cluster_cpus, 2)
-        queue: list[tuple[float, int, Task]] = [(0.0, 0, t) for t in todo]  # (not_before, attempt, task)
-        inflight: dict[Any, tuple[int, Task]] = {}
+    n_tasks = n_skipped = 0
+    for phase in _phases(module, recipe, run_url):
+        label = stage if phase is None else f"{stage}:{phase}"
+        tasks: list[Task] = module.plan(recipe, run_url) if phase is None else module.plan(recipe, run_url, phase)
+        ids = [t.id for t in tasks]
+        if len(set(ids)) != len(ids) or set(ids) & set(records):
+            raise RuntimeError(f"{label}: plan produced duplicate task ids")
+        done = _existing_records(run_url, stage, tasks)
+        todo = [t for t in tasks if t.id not in done]
+        log.info("%s: %d tasks, %d already done, %d to run", label, len(tasks), len(done), len(todo))
+        records.update(done)
+        n_tasks += len(tasks)
+        n_skipped += len(done)
+        progress = StageProgress(label, len(tasks), sum(t.size for t in tasks), len(done), recipe.ray.log_every_s)
         try:
-            while queue or inflight:
-                now = time.monotonic()
-                take = [i for i, (nb, _, _) in enumerate(queue) if nb <= now][: max(0, max_inflight - len(inflight))]
-                picked = [queue[i] for i in take]
-                for i in reversed(take):
-                    queue.pop(i)
-                for _, attempt, task in picked:
-                    inflight[remote.remote(task, recipe_ref, run_url, attempt)] = (attempt, task)
-                if not inflight:
-                    time.sleep(min(0.2, max(0.0, min(nb for nb, _, _ in queue) - now)))
-                    continue
-                done_refs, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-                for ref in done_refs:
-                    attempt, task = inflight.pop(ref)
-                    try:
-                        rec = ray.get(ref)
-                    except Exception as err:  # task raised, or its worker died
-                        why = _cause(err)
-                        if attempt < recipe.ray.task_retries:
-                            delay = min(recipe.ray.retry_backoff_s * 2**attempt, recipe.ray.retry_backoff_max_s)
-                            log.warning("%s task %s failed (attempt %d): %s; retrying in %.1fs",
-                                        stage, task.id, attempt + 1, why, delay)
-                            queue.append((time.monotonic() + delay, attempt + 1, task))
-                        else:
-                            log.error("%s task %s failed after %d attempts: %s", stage, task.id, attempt + 1, why)
-                            failed.append((task.id, why))
-                            progress.task_failed()
-                        continue
-                    records[task.id] = rec
-                    progress.task_done(rec["docs"], rec["bytes"], task.size)
+            if todo:
+                _run_tasks(ray, label, todo, recipe, run_url, cluster_cpus, cpus_per_task, records, failed, progress)
         finally:
             progress.close()
+        if failed:
+            break
     else:
-        progress.close()
+        if hasattr(module, "finish"):
+            module.finish(recipe, run_url, [records[i] for i in sorted(records)])
 
     ordered = [records[i] for i in sorted(records)]
     stats = merge_all(r["stats"] for r in ordered)
     errors = sum(r["errors"] for r in ordered)
-    report = StageReport(stage, len(tasks), len(tasks) - len(todo), failed, errors, _allowed_errors(recipe, stage),
+    report = StageReport(stage, n_tasks, n_skipped, failed, errors, _allowed_errors(recipe, stage),
                          stats, time.monotonic() - t0, sum(r["docs"] for r in ordered),
                          sum(r["bytes"] for r in ordered))
     storage.write_json(storage.join(run_url, "stats", f"{stage}.json"), {
-        "stage": stage, "tasks": len(tasks), "tasks_done": len(ordered), "tasks_failed": sorted(failed),
+        "stage": stage, "tasks": n_tasks, "tasks_done": len(ordered), "tasks_failed": sorted(failed),
         "errors": errors, "stats": stats,
     })
     issues = [i for r in ordered for i in r.get("issues", [])]
@@ -263,6 +263,47 @@ def run_stage(ray, stage: str, recipe: Recipe, run_url: str, cluster_cpus: int) 
                         b"".join(orjson.dumps(i, option=orjson.OPT_SORT_KEYS) + b"\n" for i in issues))
     _append_timeline(run_url, report, ordered)
     return report
+
+
+def _run_tasks(ray, label: str, todo: list[Task], recipe: Recipe, run_url: str, cluster_cpus: int,
+               cpus_per_task: int, records: dict[str, dict], failed: list[tuple[str, str]],
+               progress: StageProgress) -> None:
+    """Run tasks on Ray, retrying failures with backoff; fill `records` and `failed`."""
+    remote = ray.remote(num_cpus=cpus_per_task, max_retries=0)(execute_task)
+    recipe_ref = ray.put(recipe)
+    max_inflight = max(2 * cluster_cpus // max(cpus_per_task, 1), 2)
+    queue: list[tuple[float, int, Task]] = [(0.0, 0, t) for t in todo]  # (not_before, attempt, task)
+    inflight: dict[Any, tuple[int, Task]] = {}
+    while queue or inflight:
+        now = time.monotonic()
+        take = [i for i, (nb, _, _) in enumerate(queue) if nb <= now][: max(0, max_inflight - len(inflight))]
+        picked = [queue[i] for i in take]
+        for i in reversed(take):
+            queue.pop(i)
+        for _, attempt, task in picked:
+            inflight[remote.remote(task, recipe_ref, run_url, attempt)] = (attempt, task)
+        if not inflight:
+            time.sleep(min(0.2, max(0.0, min(nb for nb, _, _ in queue) - now)))
+            continue
+        done_refs, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+        for ref in done_refs:
+            attempt, task = inflight.pop(ref)
+            try:
+                rec = ray.get(ref)
+            except Exception as err:  # task raised, or its worker died
+                why = _cause(err)
+                if attempt < recipe.ray.task_retries:
+                    delay = min(recipe.ray.retry_backoff_s * 2**attempt, recipe.ray.retry_backoff_max_s)
+                    log.warning("%s task %s failed (attempt %d): %s; retrying in %.1fs",
+                                label, task.id, attempt + 1, why, delay)
+                    queue.append((time.monotonic() + delay, attempt + 1, task))
+                else:
+                    log.error("%s task %s failed after %d attempts: %s", label, task.id, attempt + 1, why)
+                    failed.append((task.id, why))
+                    progress.task_failed()
+                continue
+            records[task.id] = rec
+            progress.task_done(rec["docs"], rec["bytes"], task.size)
 
 
 def _append_timeline(run_url: str, report: StageReport, records: list[dict]) -> None:

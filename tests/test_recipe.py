@@ -28,7 +28,7 @@ def test_tinyllama_recipe_matches_the_published_mixture():
     assert (slim.weight, star.weight) == (0.693584, 0.306416)
     assert slim.select.exclude == {"meta.redpajama_set_name": ["RedPajamaGithub"]}
     assert all(u.startswith("hf://datasets/") for u in slim.urls + star.urls)
-    assert r.token_budget == 3_000_000_000_000
+    assert r.mix.token_budget == 3_000_000_000_000
     assert r.tokenizer.model.endswith("tokenizer.model")
 
 
@@ -46,6 +46,7 @@ def test_slimpajama_recipe_has_every_redpajama_set():
     ("ray.bogus=1", "ray.bogus: is not a known key"),
     ("sources[0].format=csv", "sources[0].format:"),
     ("stages=[ingest, download]", "stages: stages must follow the flow order"),
+    ("stages=[bogus]", "stages[0]:"),
     ("sources[1].name=slimpajama", "sources: source name 'slimpajama' is used twice"),
     ("sources[0].name=Bad Name", "sources[0].name: must match"),
     ("sources[0].filters=[{class: nodots}]", "sources[0].filters[0].class: must match"),
