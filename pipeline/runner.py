@@ -18,7 +18,8 @@ This is the only module that imports Ray. A stage module exposes `plan()` and `r
 Fault injection for tests: `TINYPREP_FAULTS="STAGE:TASK_GLOB:MODE[:TIMES]"`, several rules
 separated by `;`. MODE is `raise` (the task raises), `exit` (the worker process dies with
 `os._exit`), `raise-late` / `exit-late` (the same, after the outputs are committed and before the
-completion record is written), `hang` (the task sleeps until the run is killed). TIMES is how many first attempts fail (default 1; `*`: all).
+completion record is written), `hang` (the task sleeps until the run is killed), `slow` (the
+task sleeps 2 s, then runs). TIMES is how many first attempts fail (default 1; `*`: all).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class StageFailed(Exception):
 # Fault injection (runs inside the worker)
 
 
-_FAULT_MODES = ("raise", "exit", "raise-late", "exit-late", "hang")
+_FAULT_MODES = ("raise", "exit", "raise-late", "exit-late", "hang", "slow")
 
 
 def _faults() -> list[tuple[str, str, str, int | None]]:
@@ -84,12 +85,15 @@ def _inject(stage: str, task_id: str, attempt: int, late: bool) -> None:
             continue
         if mode == "hang":
             time.sleep(24 * 3600)
+        if mode == "slow":
+            time.sleep(2.0)
+            continue
         if mode.startswith("exit"):
             os._exit(17)
         raise RuntimeError(f"injected fault ({FAULTS_ENV}) in {stage} task {task_id}, attempt {attempt}")
 
 
-def execute_task(task: Task, recipe: Recipe, run_url: str, attempt: int) -> dict:
+def execute_task(task: Task, recipe: Recipe, run_url: str, attempt: int, node_id: str = "") -> dict:
     """Run one task and write its completion record. Plain function: Ray wraps it below."""
     _inject(task.stage, task.id, attempt, late=False)
     module = importlib.import_module(STAGE_MODULES[task.stage])
@@ -111,6 +115,7 @@ def execute_task(task: Task, recipe: Recipe, run_url: str, attempt: int) -> dict
         "attempt": attempt,
         "seconds": round(time.time() - t0, 3),
         "node": socket.gethostname(),
+        "node_id": node_id,
         "pid": os.getpid(),
     }
     storage.write_json(record_url(run_url, task.stage, task.id), record)
@@ -138,7 +143,8 @@ def _ray_init(recipe: Recipe, workers: int | None):
     else:
         cpus = workers or recipe.ray.num_cpus or os.cpu_count() or 1
         # Ray carries task descriptions and small results only: a small object store starts faster.
-        ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=128 << 20, **kwargs)
+        # address="local": always a new cluster, never one that happens to run on this machine.
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=128 << 20, **kwargs)
         log.info("started an embedded local Ray with %d CPUs", cpus)
     return ray, True
 
@@ -265,11 +271,17 @@ def run_stage(ray, stage: str, recipe: Recipe, run_url: str, cluster_cpus: int) 
     return report
 
 
+def _execute_on_node(task: Task, recipe: Recipe, run_url: str, attempt: int) -> dict:
+    import ray
+
+    return execute_task(task, recipe, run_url, attempt, ray.get_runtime_context().get_node_id())
+
+
 def _run_tasks(ray, label: str, todo: list[Task], recipe: Recipe, run_url: str, cluster_cpus: int,
                cpus_per_task: int, records: dict[str, dict], failed: list[tuple[str, str]],
                progress: StageProgress) -> None:
     """Run tasks on Ray, retrying failures with backoff; fill `records` and `failed`."""
-    remote = ray.remote(num_cpus=cpus_per_task, max_retries=0)(execute_task)
+    remote = ray.remote(num_cpus=cpus_per_task, max_retries=0)(_execute_on_node)
     recipe_ref = ray.put(recipe)
     max_inflight = max(2 * cluster_cpus // max(cpus_per_task, 1), 2)
     queue: list[tuple[float, int, Task]] = [(0.0, 0, t) for t in todo]  # (not_before, attempt, task)
@@ -314,7 +326,7 @@ def _append_timeline(run_url: str, report: StageReport, records: list[dict]) -> 
         "wall_s": round(report.seconds, 3), "tasks": report.tasks, "skipped": report.skipped,
         "failed": len(report.failed), "docs": report.docs, "bytes": report.bytes,
         "task_seconds": round(sum(r.get("seconds", 0.0) for r in records), 3),
-        "nodes": sorted({r.get("node", "") for r in records}),
+        "nodes": sorted({r.get("node_id") or r.get("node", "") for r in records}),
     })
     storage.write_json(url, timeline)
 

@@ -34,8 +34,8 @@ def workdir(tmp_path_factory, sample_dir) -> Path:
 def tinyprep(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300,
              **popen) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh process (its own Ray), as a user would."""
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("RAY_ADDRESS", None)
+    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout, **popen)
 
@@ -49,3 +49,21 @@ def tree_digest(root: Path, *subdirs: str) -> dict[str, str]:
             if p.is_file():
                 out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def outputs(run: Path) -> dict[str, str]:
+    """Everything a run produces that must not depend on workers, nodes, retries or kills."""
+    digest = tree_digest(run, "raw", "docs")
+    stats = tree_digest(run, "stats")
+    for name in ("download.json", "ingest.json", "ingest.issues.jsonl"):
+        digest[f"stats/{name}"] = stats[f"stats/{name}"]
+    return digest
+
+
+@pytest.fixture(scope="session")
+def reference(workdir, tmp_path_factory):
+    """The sample recipe run once locally with 2 workers: (run dir, process, outputs digest)."""
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    r = tinyprep("run", str(ROOT / "recipes" / "sample.yaml"), "--output", str(out), "--workers", "2", cwd=workdir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out, r, outputs(out)

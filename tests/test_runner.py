@@ -16,26 +16,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, tinyprep, tree_digest
+from conftest import ROOT, outputs, tinyprep
 
 RECIPE = str(ROOT / "recipes" / "sample.yaml")
 pytestmark = pytest.mark.slow
-
-
-def outputs(run: Path) -> dict[str, str]:
-    """Everything a run produces that must not depend on workers, retries or kills."""
-    digest = tree_digest(run, "raw", "docs")
-    for name in ("download.json", "ingest.json", "ingest.issues.jsonl"):
-        digest[f"stats/{name}"] = tree_digest(run, "stats")[f"stats/{name}"]
-    return digest
-
-
-@pytest.fixture(scope="module")
-def reference(workdir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "reference"
-    r = tinyprep("run", RECIPE, "--output", str(out), "--workers", "2", cwd=workdir)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return out, r, outputs(out)
 
 
 def _records(run: Path, stage: str) -> list[dict]:
