@@ -21,7 +21,7 @@ def _tinyprep_commands(text: str) -> list[list[str]]:
     """Every `tinyprep ...` invocation in a file, usage comments included (shell words after `tinyprep`)."""
     out = []
     for line in text.replace("\\\n", " ").splitlines():
-        for m in re.finditer(r"\btinyprep ((?:run|validate|sample)\b[^;&|\n]*)", line):
+        for m in re.finditer(r"\btinyprep ((?:run|validate|sample)(?=\s)[^;&|`\n]*)", line):
             out.append(shlex.split(m.group(1).replace('"$RECIPE"', "R.yaml").replace('"$OUTPUT"', "/o")))
     return out
 
