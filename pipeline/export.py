@@ -1,0 +1,229 @@
+"""Exports of a tokenized run, and `verify_run`, which checks a run's shards against its manifest.
+
+litgpt export (`tinyprep export RUN --format litgpt -o DIR`): per source, the source's shards
+of one split (train by default), concatenated in manifest order (documents already carry the
+recipe's BOS/EOS), are cut into LITPKDS chunks of `chunk_size` tokens named
+`{prefix}_{counter:010d}.bin` that TinyLlama's `lit_gpt/packed_dataset.py` reads unchanged.
+Prefixes: `<split>_<name>` where name is the source name, except TinyLlama's own names for its
+sources (`starcoderdata` -> `starcoder`), so the tinyllama recipe gives `train_slimpajama_*` and
+`train_starcoder_*`; `--prefix SOURCE=PREFIX` overrides.
+
+The last partial chunk of each source is dropped (at most chunk_size - 1 tokens per source, listed
+as `tokens_dropped` in `DIR/tinyprep-export.json`): TinyLlama's loader reads every file as full
+chunks, so a partial chunk would have to be padded, and padding must never reach training
+(TinyLlama issue #83: its padded remainder chunks taught the model to emit `<s>`). No exported
+chunk holds a padding token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import yaml
+
+from . import storage
+from .formats import FormatError
+from .formats.litpkds import DEFAULT_CHUNK_SIZE, ChunkWriter
+from .formats.manifest import (MANIFEST_NAME, MIXTURE_NAME, Manifest, ManifestError, load_manifest, load_mixture,
+                               shard_prefix)
+from .formats.megatron import MegatronReader
+
+TINYLLAMA_NAMES = {"slimpajama": "slimpajama", "starcoderdata": "starcoder"}
+EXPORT_INFO = "tinyprep-export.json"
+_STEP_TOKENS = 1 << 24  # tokens copied per step (bounded memory whatever the shard size)
+
+
+class ExportError(Exception):
+    """An export that cannot be done; the message names the file or option."""
+
+
+def default_prefix(source: str, split: str = "train") -> str:
+    return f"{split}_{TINYLLAMA_NAMES.get(source, source)}"
+
+
+def parse_prefixes(items: list[str]) -> dict[str, str]:
+    """`SOURCE=PREFIX` options -> {source: prefix}."""
+    out = {}
+    for item in items:
+        if "=" not in item or not item.split("=", 1)[0] or not item.split("=", 1)[1]:
+            raise ExportError(f"--prefix {item!r}: expected SOURCE=PREFIX")
+        src, prefix = item.split("=", 1)
+        if "/" in prefix or "*" in prefix:
+            raise ExportError(f"--prefix {item!r}: a prefix is a file name start, without '/' or '*'")
+        out[src] = prefix
+    return out
+
+
+def export_litgpt(run_url: str, out_url: str, chunk_size: int = DEFAULT_CHUNK_SIZE, split: str = "train",
+                  prefixes: dict[str, str] | None = None, force: bool = False) -> dict:
+    """Write LITPKDS chunks of every source; return (and write to DIR/tinyprep-export.json) a summary."""
+    if chunk_size <= 0:
+        raise ExportError(f"--chunk-size must be > 0, got {chunk_size}")
+    try:
+        manifest = load_manifest(run_url)
+    except FormatError as e:
+        raise ExportError(str(e)) from None
+    prefixes = dict(prefixes or {})
+    unknown = sorted(set(prefixes) - set(manifest.sources))
+    if unknown:
+        raise ExportError(f"--prefix: no source {unknown} in {storage.join(run_url, MANIFEST_NAME)} "
+                          f"(sources: {sorted(manifest.sources)})")
+    names = {s: prefixes.get(s, default_prefix(s, split)) for s in manifest.sources}
+    if len(set(names.values())) != len(names):
+        raise ExportError(f"two sources would share a prefix: {names}")
+    _check_out_dir(out_url, list(names.values()), force)
+    sep = manifest.tokenizer.bos_id if manifest.bos or not manifest.eos else manifest.tokenizer.eos_id
+    summary: dict = {"format": "tinyprep-litgpt-export", "version": 1, "chunk_size": chunk_size,
+                     "dtype": manifest.dtype, "split": split, "separator": sep,
+                     "manifest_sha256": hashlib.sha256(storage.read_bytes(storage.join(run_url, MANIFEST_NAME))).hexdigest(),
+                     "last_chunk": "dropped", "sources": {}}
+    for source in sorted(manifest.sources):
+        writer = ChunkWriter(out_url, names[source], chunk_size, manifest.dtype, sep)
+        for shard in manifest.shards_of(source, split):
+            try:
+                reader = MegatronReader(shard_prefix(run_url, shard))
+            except FormatError as e:
+                raise ExportError(f"{e} (run `tinyprep verify {run_url}`)") from None
+            if reader.num_tokens != shard.tokens:
+                raise ExportError(f"{reader.bin_url}: {reader.num_tokens} tokens, manifest.json says {shard.tokens}")
+            for start in range(0, reader.num_tokens, _STEP_TOKENS):
+                writer.add(np.asarray(reader.tokens[start:start + _STEP_TOKENS]))
+        dropped = writer.close()
+        summary["sources"][source] = {"prefix": names[source], "chunks": len(writer.files),
+                                      "tokens_written": writer.tokens_written, "tokens_dropped": dropped,
+                                      "files": writer.files}
+    storage.write_json(storage.join(out_url, EXPORT_INFO), summary)
+    return summary
+
+
+def _check_out_dir(out_url: str, prefixes: list[str], force: bool) -> None:
+    """Chunks of an earlier export would be globbed with the new ones: refuse, or remove them (--force)."""
+    fs, path = storage.url_to_fs(out_url)
+    try:
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return
+    stale = sorted(n for n in names for p in prefixes if n.startswith(p + "_") and n.endswith(".bin"))
+    if stale and not force:
+        raise ExportError(f"{out_url}: holds {len(stale)} chunk file(s) of an earlier export ({stale[0]}, ...); "
+                          f"use --force to replace them")
+    for n in stale:
+        fs.rm(f"{path.rstrip('/')}/{n}")
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+
+
+class VerifyError(Exception):
+    """A run whose shards do not match its manifest; `problems` lists each one."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    docs: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    tokenizer: str = ""
+    mixture: bool = False
+    problems: list[str] = field(default_factory=list)
+
+
+def _recipe_tokenizer(run_url: str) -> str | None:
+    """The tokenizer model the run's resolved recipe (RUN/recipe.yaml) names."""
+    try:
+        data = yaml.safe_load(storage.read_bytes(storage.join(run_url, "recipe.yaml")))
+    except (FileNotFoundError, yaml.YAMLError):
+        return None
+    tok = (data or {}).get("tokenizer") if isinstance(data, dict) else None
+    if not isinstance(tok, dict):
+        return None
+    if tok.get("model"):
+        return str(tok["model"])
+    return storage.join(run_url, "tokenizer.model") if tok.get("train") else None
+
+
+def verify_run(run_url: str, tokenizer: str | None = None, checksums: bool = True) -> VerifyReport:
+    """Check every shard of RUN/manifest.json (presence, sizes, headers, counts, checksums), the
+    tokenizer (the recipe's model file, or `tokenizer`, must hash to the manifest's) and
+    mixture.json when present. Raises VerifyError listing every problem, one line each."""
+    report = VerifyReport()
+    try:
+        manifest = load_manifest(run_url)
+    except FormatError as e:
+        raise VerifyError([f"manifest: {e}"]) from None
+    problems = report.problems
+    _verify_tokenizer(run_url, manifest, tokenizer, report)
+    for shard in manifest.shards:
+        report.shards += 1
+        problems += _verify_shard(run_url, manifest, shard, checksums)
+        report.docs += shard.docs
+        report.tokens += shard.tokens
+        report.bytes += shard.bin_bytes
+    if storage.exists(storage.join(run_url, MIXTURE_NAME)):
+        try:
+            load_mixture(run_url)
+            report.mixture = True
+        except FormatError as e:
+            problems.append(f"mixture: {e}")
+    if problems:
+        raise VerifyError(problems)
+    return report
+
+
+def _verify_tokenizer(run_url: str, manifest: Manifest, tokenizer: str | None, report: VerifyReport) -> None:
+    url = tokenizer or _recipe_tokenizer(run_url)
+    if url is None:
+        path = manifest.tokenizer.path
+        url = path if "://" in path or path.startswith("/") else storage.join(run_url, path)
+    report.tokenizer = url
+    try:
+        digest = hashlib.sha256(storage.read_bytes(url)).hexdigest()
+    except FileNotFoundError:
+        report.problems.append(f"tokenizer: {url}: missing (manifest.json was tokenized with "
+                               f"{manifest.tokenizer.path}, sha256 {manifest.tokenizer.sha256[:12]})")
+        return
+    if digest != manifest.tokenizer.sha256:
+        report.problems.append(f"tokenizer: {url} has sha256 {digest[:12]}, manifest.json was tokenized with "
+                               f"{manifest.tokenizer.path} (sha256 {manifest.tokenizer.sha256[:12]})")
+
+
+def _verify_shard(run_url: str, manifest: Manifest, shard, checksums: bool) -> list[str]:
+    try:
+        prefix = shard_prefix(run_url, shard)
+    except ManifestError as e:
+        return [f"{shard.path}: {e}"]
+    bin_url, idx_url = prefix + ".bin", prefix + ".idx"
+    missing = [u for u in (bin_url, idx_url) if storage.size(u) is None]
+    if missing:
+        return [f"{u}: missing shard file" for u in missing]
+    size = storage.size(bin_url)
+    if size != shard.bin_bytes:
+        kind = "truncated" if size < shard.bin_bytes else "size mismatch"
+        return [f"{bin_url}: {kind}: {size} bytes, manifest.json says {shard.bin_bytes}"]
+    try:
+        reader = MegatronReader(prefix)
+    except FormatError as e:
+        return [f"bad shard: {e}"]
+    out = []
+    if reader.dtype.name != shard.dtype:
+        out.append(f"{idx_url}: dtype {reader.dtype.name}, manifest.json says {shard.dtype}")
+    if reader.num_docs != shard.docs or reader.num_tokens != shard.tokens:
+        out.append(f"{idx_url}: counts differ: {reader.num_docs} docs / {reader.num_tokens} tokens, "
+                   f"manifest.json says {shard.docs} / {shard.tokens}")
+    if checksums:
+        if reader.num_tokens and int(reader.tokens.max()) >= manifest.tokenizer.vocab_size:
+            out.append(f"{bin_url}: token id {int(reader.tokens.max())} is outside the vocabulary "
+                       f"({manifest.tokenizer.vocab_size})")
+        if storage.sha256_of(bin_url) != shard.bin_sha256:
+            out.append(f"{bin_url}: checksum mismatch (sha256 differs from manifest.json)")
+        if storage.sha256_of(idx_url) != shard.idx_sha256:
+            out.append(f"{idx_url}: checksum mismatch (sha256 differs from manifest.json)")
+    return out

@@ -1,0 +1,304 @@
+"""Benchmark: tokenize+pack against SentencePiece alone and a TinyLlama-style baseline.
+
+    python tests/benchmarks/bench_tokenize.py [--mb 33] [--runs 3] [--tokenizer PATH] [--json]
+
+Builds about `--mb` MB of SlimPajama-like prose (stdlib docstrings joined into documents of about
+4.5 KB, as bench_ingest.py does) as ingested docs parquet in a scratch run directory, and a
+32,000-piece Llama-2-like BPE tokenizer (`train_tokenizer` on 8 MB of it; `--tokenizer` uses a
+given model instead, e.g. Llama-2's `tokenizer.model`). Then, in this process, on the same
+documents:
+
+* floor: `sp.encode(batch_of_1024_texts, num_threads=1)`, texts already in memory;
+* tinyprep: the tokenize stage's tasks (`pipeline.tokenize.run_task`: holdout, group and encode
+  phases, `cpus_per_task: 1`, BOS per document) reading the docs parquet and writing `.bin`/`.idx`
+  shards and the manifest;
+* tinyllama_style (TinyLlama's prepare_slimpajama.py, written here from REFERENCES.md): the same
+  documents as SlimPajama `jsonl.zst`, read as a zstd text stream, `json.loads` of each line (twice,
+  for the text and the set name, as the script does), lit-gpt's `Tokenizer.encode` (`sp.encode(text)`,
+  BOS prepended, `torch.tensor(ids, dtype=torch.int)`), `np.array(tensor, dtype=uint16)` into a
+  LITPKDS builder (buffer pre-filled with the separator, a chunk written when full);
+* per_document (the same loop without the JSON and torch steps, reading our docs parquet): the
+  cost of encoding one document per call into a builder, apart from the input format.
+
+Speeds are tokens per CPU-second of this process (`time.process_time`, all threads counted),
+i.e. per core; best of `--runs`. The shards' ids are checked equal to the floor's. Importing
+this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+LITPKDS_HEADER = b"LITPKDS"
+
+
+def build_docs(run: Path, mb: float, files: int = 4, seed: int = 0) -> int:
+    """Docs parquet (the ingest schema) of SlimPajama-like prose under run/docs/slimpajama/."""
+    import numpy as np
+    import orjson
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from bench_ingest import stdlib_docstrings
+    from pipeline.ingest import SCHEMA, _document_ids
+
+    rng = random.Random(seed)
+    pool = stdlib_docstrings()
+    per_file = int(mb * 1e6) // files
+    n = 0
+    for f in range(files):
+        texts, size = [], 0
+        while size < per_file:
+            k = max(1, min(60, int(rng.lognormvariate(2.2, 1.0))))
+            text = "\n\n".join(rng.choice(pool) for _ in range(k))
+            texts.append(text)
+            size += len(text.encode("utf-8"))
+        rel = f"chunk1/example_train_{f}.jsonl.zst.parquet"
+        rows = np.arange(len(texts))
+        table = pa.table({"id": _document_ids("slimpajama", rel, rows), "source": ["slimpajama"] * len(texts),
+                          "subset": ["RedPajamaCommonCrawl"] * len(texts), "file": [rel] * len(texts),
+                          "row": rows, "text": texts, "meta": ["{}"] * len(texts)}, schema=SCHEMA)
+        out = run / "docs" / "slimpajama" / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out, compression="zstd", row_group_size=4096)
+        raw = run / "raw" / "slimpajama" / rel[:-len(".parquet")]
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        lines = b"".join(orjson.dumps({"text": t, "meta": {"redpajama_set_name": "RedPajamaCommonCrawl"}}) + b"\n"
+                         for t in texts)
+        raw.write_bytes(zstandard.ZstdCompressor(level=3).compress(lines))
+        n += len(texts)
+    return n
+
+
+def read_texts(run: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    out = []
+    for p in sorted((run / "docs" / "slimpajama").rglob("*.parquet")):
+        out += pq.read_table(p, columns=["text"]).column("text").to_pylist()
+    return out
+
+
+def floor(sp, texts: list[str]) -> tuple[float, list[list[int]]]:
+    t0 = time.process_time()
+    ids: list[list[int]] = []
+    for i in range(0, len(texts), 1024):
+        ids += sp.encode(texts[i:i + 1024], num_threads=1)
+    return time.process_time() - t0, ids
+
+
+class PackedBuilder:
+    """TinyLlama's PackedDatasetBuilder, from the LITPKDS layout: a buffer pre-filled with the
+    separator, `add_array` copies into it and writes a chunk file whenever it is full."""
+
+    def __init__(self, out: Path, prefix: str, chunk_size: int, sep: int):
+        import numpy as np
+
+        self.out, self.prefix, self.chunk_size, self.sep = out, prefix, chunk_size, sep
+        self.arr = np.full(chunk_size, sep, dtype=np.uint16)
+        self.idx = 0
+        self.counter = 0
+
+    def _write_chunk(self) -> None:
+        import struct
+
+        with open(self.out / f"{self.prefix}_{self.counter:010d}.bin", "wb") as fh:
+            fh.write(LITPKDS_HEADER + struct.pack("<Q", 1) + struct.pack("<B", 8) + struct.pack("<Q", self.chunk_size))
+            fh.write(self.arr.tobytes(order="C"))
+        self.counter += 1
+        self.arr.fill(self.sep)
+        self.idx = 0
+
+    def add_array(self, arr) -> None:
+        while self.idx + arr.shape[0] > self.chunk_size:
+            part_len = self.chunk_size - self.idx
+            self.arr[self.idx:self.idx + part_len] = arr[:part_len]
+            self._write_chunk()
+            arr = arr[part_len:]
+        self.arr[self.idx:self.idx + arr.shape[0]] = arr
+        self.idx += arr.shape[0]
+
+    def write_reminder(self) -> None:
+        self._write_chunk()  # TinyLlama's padded remainder (issue #83), kept for an equal amount of I/O
+
+
+def tinyllama_style(sp, run: Path, out: Path, chunk_size: int = 2049 * 1024) -> tuple[float, int]:
+    """prepare_slimpajama.py: jsonl.zst, json.loads per line, lit-gpt Tokenizer.encode, builder."""
+    import io
+    import json as pyjson
+
+    import numpy as np
+    import torch
+    import zstandard
+
+    t0 = time.process_time()
+    bos = sp.bos_id()
+    builder = PackedBuilder(out, "train_slimpajama", chunk_size, bos)
+    tokens = 0
+    for path in sorted((run / "raw" / "slimpajama").rglob("*.jsonl.zst")):
+        with open(path, "rb") as raw, io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw),
+                                                        encoding="utf-8") as f:
+            for row in f:
+                text = pyjson.loads(row)["text"]
+                if pyjson.loads(row)["meta"]["redpajama_set_name"] == "RedPajamaGithub":
+                    continue
+                ids = torch.tensor([bos] + sp.encode(text), dtype=torch.int)  # lit_gpt Tokenizer.encode(bos=True)
+                with warnings.catch_warnings():  # numpy 2 warns about torch's __array__ signature
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    arr = np.array(ids, dtype=np.uint16)
+                tokens += arr.size
+                builder.add_array(arr)
+    builder.write_reminder()
+    return time.process_time() - t0, tokens
+
+
+def per_document(sp, run: Path, out: Path, chunk_size: int = 2049 * 1024) -> tuple[float, int]:
+    """The same builder fed one sp.encode per document, reading our docs parquet (no JSON, no torch)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    t0 = time.process_time()
+    bos = sp.bos_id()
+    builder = PackedBuilder(out, "train_slimpajama", chunk_size, bos)
+    tokens = 0
+    for p in sorted((run / "docs" / "slimpajama").rglob("*.parquet")):
+        for batch in pq.ParquetFile(p).iter_batches(columns=["text"]):
+            for text in batch.column(0).to_pylist():
+                arr = np.array([bos] + sp.encode(text), dtype=np.uint16)
+                tokens += arr.size
+                builder.add_array(arr)
+    builder.write_reminder()
+    return time.process_time() - t0, tokens
+
+
+def tinyprep_stage(run: Path, tokenizer: Path) -> tuple[float, object]:
+    from pipeline import tokenize
+    from pipeline.recipe import parse_recipe
+
+    for sub in ("shards", "tokenize", "tasks", "manifest.json"):
+        p = run / sub
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    recipe = parse_recipe({
+        "name": "bench", "output": str(run), "stages": ["tokenize"],
+        "sources": [{"name": "slimpajama", "urls": [str(run / "docs" / "x")]}],
+        "tokenizer": {"model": str(tokenizer)},
+        "tokenize": {"bos": True, "eos": False, "cpus_per_task": 1},
+    })
+    t0 = time.process_time()
+    records = []
+    phase = tokenize.next_phase(recipe, str(run), None)
+    while phase is not None:
+        for task in tokenize.plan(recipe, str(run), phase):
+            rec = tokenize.run_task(task, recipe, str(run))
+            records.append({"task": task.id, "fingerprint": task.fingerprint, **rec})
+        phase = tokenize.next_phase(recipe, str(run), phase)
+    tokenize.finish(recipe, str(run), sorted(records, key=lambda r: r["task"]))
+    return time.process_time() - t0, recipe
+
+
+def check_ids(run: Path, recipe, sp, floor_ids: list[list[int]]) -> int:
+    """The train shards hold exactly BOS + the floor's ids of every train document, in order."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.formats.manifest import load_manifest, shard_prefix
+    from pipeline.formats.megatron import MegatronReader
+    from pipeline.tokenize import holdout_mask
+
+    ids = np.concatenate([pq.read_table(p, columns=["id"]).column("id").to_numpy()
+                          for p in sorted((run / "docs" / "slimpajama").rglob("*.parquet"))])
+    held = holdout_mask(ids, recipe.tokenize.holdout_fraction, recipe.tokenize.holdout_seed)
+    manifest = load_manifest(str(run))
+    got = [d for s in manifest.shards_of("slimpajama", "train") for d in MegatronReader(shard_prefix(str(run), s))]
+    expected = [x for x, h in zip(floor_ids, held) if not h]
+    dup = manifest.sources["slimpajama"]["train"]["docs"] - len(expected)
+    assert dup <= 0
+    if len(got) != len(expected):  # train documents equal to a held-out one were dropped: compare as multisets
+        raise AssertionError(f"{len(got)} train documents in the shards, {len(expected)} expected")
+    for g, e in zip(got, expected):
+        if g[0] != sp.bos_id() or g[1:].tolist() != e:
+            raise AssertionError("shard ids differ from SentencePiece's")
+    return len(got)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import sentencepiece as spm
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=float, default=33)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tokenizer", help="a SentencePiece model (default: train a 32,000-piece BPE on 8 MB)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
+    try:
+        run = tmp / "run"
+        n_docs = build_docs(run, args.mb)
+        texts = read_texts(run)
+        mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+        if args.tokenizer:
+            model = Path(args.tokenizer)
+        else:
+            from pipeline.tokenize import train_tokenizer
+
+            model = tmp / "tokenizer.model"
+            t0 = time.time()
+            train_tokenizer([str(run)], str(model), vocab_size=32000, max_bytes=8 << 20)
+            print(f"trained a 32,000-piece BPE tokenizer in {time.time() - t0:.1f}s", file=sys.stderr)
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        results: dict[str, list[float]] = {"floor": [], "tinyprep": [], "tinyllama_style": [], "per_document": []}
+        tokens = 0
+        for _ in range(args.runs):
+            secs, floor_ids = floor(sp, texts)
+            tokens = sum(map(len, floor_ids))
+            results["floor"].append(tokens / secs)
+            secs, recipe = tinyprep_stage(run, model)
+            results["tinyprep"].append((tokens + n_docs) / secs)  # the shards hold a BOS per document
+            for name, baseline in (("tinyllama_style", tinyllama_style), ("per_document", per_document)):
+                out = tmp / "litgpt"
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir()
+                secs, n = baseline(sp, run, out)
+                assert n == tokens + n_docs
+                results[name].append(n / secs)
+            check_ids(run, recipe, sp, floor_ids)
+        best = {k: max(v) for k, v in results.items()}
+        summary = {
+            "corpus": {"mb": round(mb, 2), "documents": n_docs, "tokens": tokens, "tokenizer": str(model)
+                       if args.tokenizer else "32,000-piece BPE trained by train_tokenizer",
+                       "vocab_size": sp.vocab_size()},
+            "tokens_per_cpu_s": {k: round(v) for k, v in best.items()},
+            "ratio_to_floor": {k: round(v / best["floor"], 3) for k, v in best.items()},
+            "tinyprep_vs_tinyllama_style": round(best["tinyprep"] / best["tinyllama_style"], 3),
+            "tinyprep_vs_per_document": round(best["tinyprep"] / best["per_document"], 3),
+            "ids_identical_to_sentencepiece": True,
+            "runs": args.runs, "cpus": os.cpu_count(),
+        }
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print(f"{mb:.1f} MB, {n_docs:,} documents, {tokens:,} tokens; best of {args.runs}, tokens per CPU-second:")
+            for k in ("floor", "tinyprep", "tinyllama_style", "per_document"):
+                print(f"  {k:16s} {best[k] / 1e6:6.3f}M  ({best[k] / best['floor']:.3f}x the floor)")
+            print(f"  tinyprep / tinyllama_style = {summary['tinyprep_vs_tinyllama_style']:.3f}, "
+                  f"tinyprep / per_document = {summary['tinyprep_vs_per_document']:.3f}")
+        return summary
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
