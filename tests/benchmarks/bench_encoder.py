@@ -1,0 +1,431 @@
+"""Benchmark: pipeline.encoder.Encoder against SentencePiece's own batched encoding, same ids.
+
+    python tests/benchmarks/bench_encoder.py [--mb 30] [--code-mb 30] [--vocab 32000]
+        [--novel 0.10] [--batch 1000] [--runs 2] [--profile tottime] [--json]
+
+Corpora, built in memory from the running Python's stdlib (deterministic):
+
+* prose: about ``--mb`` MB of SlimPajama-like documents (about 4.5 KB each) made of stdlib
+  docstring paragraphs (triple-quoted strings that read as prose), *without exact repetition*:
+  every word is replaced, with probability ``--novel``, by a new one (a made-up name, a number
+  or date, a typo, a hyphenated pair, a URL), so that the corpus keeps producing unseen
+  segments the way web text does (Heaps' law) instead of recycling the 2.4 MB of distinct
+  paragraphs; a third of the documents get some non-ASCII text (accents, Greek, CJK, emoji,
+  NFD). The report gives the share of distinct segments, i.e. the miss rate of an unbounded
+  cache on this corpus;
+* code: the stdlib's ``.py`` sources (sorted walk), up to ``--code-mb`` MB, one file a document.
+
+The model: BPE with Llama-2's settings (byte fallback, split digits, identity normalization,
+dummy prefix, whitespace-only pieces), ``--vocab`` pieces (32,000 like Llama-2 unless training
+takes over 60 s, then halved until it does not), trained on 8 MB of the prose and 2 MB of the
+code (one thread).
+
+Per corpus, on the same documents in batches of ``--batch`` (measured interleaved, best of
+``--runs``; speeds are tokens per CPU-second of this process, i.e. per core):
+
+* floor: ``sp.encode(batch, num_threads=1)``, SentencePiece's batched encoding on one thread;
+* tinyllama: TinyLlama's ``prepare_slimpajama`` loop: per document ``sp.encode(text)``, then
+  ``np.array(ids, dtype=uint16)`` appended to a packing buffer;
+* ours (cold): a new ``Encoder(model)`` (one thread, default cache) and
+  ``encode_to_array(batch)`` on each batch: the cache starts empty and fills during the pass;
+* ours (warm): a second pass with the same Encoder (an upper bound: every segment seen).
+
+Every run's ids are checked equal to the floor's (``np.array_equal`` on all ids and on the
+per-document lengths). Also reported, from an untimed streaming pass of a new Encoder (each
+batch's output checked then dropped): the cache hit rate of that cold pass, the cache's entries
+and estimated bytes, the RSS it holds afterwards and the peak RSS during the pass (deltas over
+the RSS before it; Linux ``/proc/self/status``, VmHWM reset through ``/proc/self/clear_refs``).
+Importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import string
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+LLAMA_SETTINGS = dict(model_type="bpe", byte_fallback=True, split_digits=True,
+                      normalization_rule_name="identity", add_dummy_prefix=True,
+                      remove_extra_whitespaces=False, allow_whitespace_only_pieces=True)
+
+EXTRAS = ["café", "naïve", "Zürich", "“quoted”", "— dash", "Ελληνικά κείμενα", "日本語のテキスト",
+          "don’t", "中文文本", "😀 🎉", "e\u0301te\u0301 a\u0300 Mu\u0308nchen", "Привет, мир", "١٢٣"]
+SYLLABLES = ["ka", "lo", "mir", "an", "tel", "ros", "vi", "dun", "sha", "ber", "qui", "zo", "ex",
+             "pra", "nol", "ith", "gar", "mel", "to", "ven", "ul", "dre", "sik", "o", "y"]
+TLDS = ["com", "org", "net", "io", "de", "co.uk"]
+
+
+# ---------------------------------------------------------------------------------------------
+# corpora
+
+
+def docstring_paragraphs() -> list[str]:
+    """Distinct paragraphs of the stdlib's triple-quoted strings (docstrings, mostly; tests
+    included; sorted walk), dedented, that look like prose (mostly letters and spaces)."""
+    import inspect
+    import re
+
+    triple = re.compile(r'"""(.*?)"""|\'\'\'(.*?)\'\'\'', re.S)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    seen, out = set(), []
+    for path in sorted(root.rglob("*.py")):
+        if {"site-packages", "dist-packages", "__pycache__"} & set(path.relative_to(root).parts):
+            continue
+        try:
+            src = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        for m in triple.finditer(src):
+            doc = inspect.cleandoc(m.group(1) or m.group(2) or "")
+            for para in doc.split("\n\n"):
+                if len(para) > 30 and para not in seen:
+                    letters = sum(c.isalpha() or c == " " for c in para)
+                    if letters > 0.8 * len(para):
+                        seen.add(para)
+                        out.append(para)
+    return out
+
+
+def novel_word(rng: random.Random, word: str, pool: list[str]) -> str:
+    """A word unlikely to have been seen: what makes web text's vocabulary keep growing."""
+    r = rng.random()
+    if r < 0.3:  # a made-up name
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4)))
+        return name.capitalize() if rng.random() < 0.7 else name
+    if r < 0.5:  # numbers, dates, amounts
+        return rng.choice([str(rng.randint(0, 10 ** rng.randint(1, 7))),
+                           f"{rng.randint(1900, 2030)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+                           f"{rng.random() * 1000:.{rng.randint(1, 4)}f}",
+                           f"${rng.randint(1, 999)},{rng.randint(0, 999):03d}",
+                           f"{rng.randint(1, 99)}%"])
+    if r < 0.75 and len(word) > 3:  # a typo
+        i = rng.randrange(1, len(word) - 1)
+        op = rng.random()
+        if op < 0.33:
+            return word[:i] + word[i + 1:]
+        if op < 0.66:
+            return word[:i] + rng.choice(string.ascii_lowercase) + word[i:]
+        return word[:i - 1] + word[i] + word[i - 1] + word[i + 1:]
+    if r < 0.9:  # compounds
+        return rng.choice(pool) + rng.choice(["-", "/", "_", ""]) + word
+    name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
+    return rng.choice([f"https://www.{name}.{rng.choice(TLDS)}/{word.strip('.,;:')}",
+                       f"{word.strip('.,;:').lower()}@{name}.{rng.choice(TLDS)}"])
+
+
+def make_prose(mb: float, novel: float, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    paras = docstring_paragraphs()
+    words = [w for p in paras[:2000] for w in p.split() if w.isalpha()]
+    target = int(mb * 1e6)
+    docs, size = [], 0
+    while size < target:
+        k = max(1, min(80, int(rng.lognormvariate(2.3, 0.9))))
+        text = "\n\n".join(rng.choice(paras) for _ in range(k))
+        if novel > 0:
+            parts = text.split(" ")
+            n = len(parts)
+            for i in rng.sample(range(n), int(n * novel + rng.random())):
+                w = parts[i]
+                if w and "\n" not in w:
+                    parts[i] = novel_word(rng, w, words)
+            text = " ".join(parts)
+        if rng.random() < 0.33:
+            pos = rng.randrange(len(text))
+            text = text[:pos] + " " + rng.choice(EXTRAS) + " " + text[pos:]
+        docs.append(text)
+        size += len(text.encode("utf-8"))
+    return docs
+
+
+def make_code(mb: float) -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    target = int(mb * 1e6)
+    docs, size = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if {"site-packages", "dist-packages", "__pycache__"} & set(path.relative_to(root).parts):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text:
+            docs.append(text)
+            size += len(text.encode("utf-8"))
+        if size >= target:
+            break
+    return docs
+
+
+def train_model(prose: list[str], code: list[str], vocab: int, out_dir: str,
+                budget_s: float = 60.0) -> dict:
+    import sentencepiece as spm
+
+    def take(docs, nbytes):
+        out, n = [], 0
+        for d in docs:
+            out.append(d)
+            n += len(d)
+            if n >= nbytes:
+                break
+        return out
+
+    text = "\n".join(take(prose, 8_000_000) + take(code, 2_000_000))
+    path = os.path.join(out_dir, "train.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    while True:
+        prefix = os.path.join(out_dir, f"bench{vocab}")
+        t0 = time.perf_counter()
+        spm.SentencePieceTrainer.train(input=path, model_prefix=prefix, vocab_size=vocab,
+                                       num_threads=1, character_coverage=0.9999, minloglevel=2,
+                                       max_sentence_length=1 << 16, **LLAMA_SETTINGS)
+        took = time.perf_counter() - t0
+        if took < budget_s or vocab <= 4000:
+            return {"model": prefix + ".model", "vocab": vocab, "train_s": round(took, 1),
+                    "train_mb": round(len(text.encode("utf-8")) / 1e6, 1)}
+        vocab //= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+def _status(field: str) -> int:
+    """VmRSS / VmHWM of this process in bytes (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def floor_pass(sp, batches):
+    ids, lens = [], []
+    for b in batches:
+        out = sp.encode(b, num_threads=1)
+        lens.append(np.fromiter(map(len, out), dtype=np.int64, count=len(out)))
+        ids.append(out)
+    return ids, lens
+
+
+def tinyllama_pass(sp, batches, dtype):
+    """prepare_slimpajama: per document tokenizer.encode, np.array(ids), builder.add_array."""
+    chunk = np.empty(1 << 22, dtype=dtype)
+    chunks, pos, lens = [], 0, []
+    for b in batches:
+        for text in b:
+            arr = np.array(sp.encode(text), dtype=dtype)
+            lens.append(len(arr))
+            while len(arr):
+                n = min(len(arr), len(chunk) - pos)
+                chunk[pos:pos + n] = arr[:n]
+                pos += n
+                arr = arr[n:]
+                if pos == len(chunk):
+                    chunks.append(chunk)
+                    chunk, pos = np.empty(1 << 22, dtype=dtype), 0
+    chunks.append(chunk[:pos])
+    return np.concatenate(chunks), np.asarray(lens, dtype=np.int64)
+
+
+def ours_pass(enc, batches):
+    ids, lens = [], []
+    for b in batches:
+        i, n = enc.encode_to_array(b)
+        ids.append(i)
+        lens.append(n)
+    return ids, lens
+
+
+def bench_corpus(label: str, docs: list[str], model: str, batch: int, runs: int,
+                 profile: str | None) -> dict:
+    import sentencepiece as spm
+
+    from pipeline.encoder import Encoder
+
+    sp = spm.SentencePieceProcessor(model_file=model)
+    dtype = Encoder(model).dtype
+    batches = [docs[i:i + batch] for i in range(0, len(docs), batch)]
+    text_bytes = sum(len(d.encode("utf-8")) for d in docs)
+
+    # reference ids (untimed), to check every run against
+    ref_lists, _ = floor_pass(sp, batches)
+    ref_lens = np.fromiter((len(x) for b in ref_lists for x in b), dtype=np.int64)
+    ref = np.fromiter((i for b in ref_lists for x in b for i in x), dtype=dtype,
+                      count=int(ref_lens.sum()))
+    del ref_lists
+    tokens = len(ref)
+
+    if profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(ours_pass, Encoder(model), batches)
+        print(f"--- cProfile of ours (cold), {label}")
+        pstats.Stats(prof).sort_stats(profile).print_stats(25)
+
+    # memory (untimed): a fresh Encoder streams every batch; each output is checked, dropped
+    gc.collect()
+    rss0 = _status("VmRSS")
+    peak_ok = _reset_peak()
+    enc = Encoder(model)
+    off = 0
+    for b in batches:
+        ids, lens = enc.encode_to_array(b)
+        assert np.array_equal(ids, ref[off:off + len(ids)]), "ids differ from SentencePiece"
+        off += len(ids)
+    assert off == tokens
+    peak = _status("VmHWM") if peak_ok else 0
+    del ids, lens
+    gc.collect()
+    held = _status("VmRSS") - rss0
+    stats = enc.stats()
+    mem = {"cache_entries": stats["entries"],
+           "cache_approx_mb": round(stats["approx_bytes"] / 1e6, 1),
+           "rss_held_by_cache_mb": round(held / 1e6, 1),
+           "peak_rss_delta_mb": round((peak - rss0) / 1e6, 1) if peak else None}
+    del enc
+
+    best: dict[str, float] = {}
+    for _ in range(runs):
+        # floor
+        gc.collect()
+        t0 = time.process_time()
+        out, lens = floor_pass(sp, batches)
+        t = time.process_time() - t0
+        got = np.fromiter((i for b in out for x in b for i in x), dtype=dtype, count=tokens)
+        assert np.array_equal(got, ref) and np.array_equal(np.concatenate(lens), ref_lens)
+        del out, got
+        best["floor"] = min(best.get("floor", 1e9), t)
+        # tinyllama
+        gc.collect()
+        t0 = time.process_time()
+        got, lens = tinyllama_pass(sp, batches, dtype)
+        t = time.process_time() - t0
+        assert np.array_equal(got, ref) and np.array_equal(lens, ref_lens)
+        del got
+        best["tinyllama"] = min(best.get("tinyllama", 1e9), t)
+        # ours: a new Encoder (cold cache), then a second pass with it (warm)
+        gc.collect()
+        enc = Encoder(model)
+        for mode in ("ours_cold", "ours_warm"):
+            t0 = time.process_time()
+            ids, lens = ours_pass(enc, batches)
+            t = time.process_time() - t0
+            assert np.array_equal(np.concatenate(ids), ref), "ids differ from SentencePiece"
+            assert np.array_equal(np.concatenate(lens), ref_lens)
+            del ids, lens
+            best[mode] = min(best.get(mode, 1e9), t)
+        del enc
+    speeds = {k: tokens / v for k, v in best.items()}
+    return {
+        "docs": len(docs), "text_mb": round(text_bytes / 1e6, 1), "tokens": tokens,
+        "batch": batch,
+        "tokens_per_s_per_core": {k: round(v) for k, v in speeds.items()},
+        "ratio_to_floor": {k: round(v / speeds["floor"], 2) for k, v in speeds.items()},
+        "hit_rate": round(stats["hit_rate"], 4),
+        "segments": stats["segments"], "misses": stats["misses"],
+        "long_segments": stats["long_segments"], "evictions": stats["evictions"],
+        "memory": mem, "identical_ids": True,
+    }
+
+
+def distinct_share(docs: list[str], model: str) -> float:
+    """Distinct segments / segments: the miss rate of an unbounded cache on these documents."""
+    from pipeline.encoder import Encoder
+
+    enc = Encoder(model)
+    seen, total = set(), 0
+    for d in docs:
+        s = enc.segments(d)
+        total += len(s)
+        seen.update(s)
+    return len(seen) / max(total, 1)
+
+
+def run_benchmark(mb: float = 30, code_mb: float = 30, vocab: int = 32000, novel: float = 0.10,
+                  batch: int = 1000, runs: int = 2, profile: str | None = None) -> dict:
+    import sentencepiece as spm
+
+    t0 = time.perf_counter()
+    prose = make_prose(mb, novel)
+    code = make_code(code_mb)
+    build_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="bench_encoder_") as tmp:
+        model = train_model(prose, code, vocab, tmp)
+        results = {"python": sys.version.split()[0], "sentencepiece": spm.__version__,
+                   "model": {k: v for k, v in model.items() if k != "model"},
+                   "corpus_build_s": round(build_s, 1), "novel_word_rate": novel, "runs": runs}
+        for label, docs in (("prose", prose), ("code", code)):
+            r = bench_corpus(label, docs, model["model"], batch, runs, profile)
+            r["distinct_segment_share"] = round(distinct_share(docs, model["model"]), 4)
+            results[label] = r
+    return results
+
+
+def print_table(res: dict):
+    m = res["model"]
+    print(f"model: BPE vocab {m['vocab']} (Llama-2 settings), trained on {m['train_mb']} MB in "
+          f"{m['train_s']} s; python {res['python']}, sentencepiece {res['sentencepiece']}")
+    for label in ("prose", "code"):
+        r = res[label]
+        print(f"\n{label}: {r['docs']} docs, {r['text_mb']} MB, {r['tokens']:,} tokens; "
+              f"distinct segments {r['distinct_segment_share']:.1%} of {r['segments']:,}; "
+              f"cold-pass hit rate {r['hit_rate']:.1%}; long segments {r['long_segments']:,}")
+        print(f"{'':24}{'Mtokens/s per core':>20}{'ratio':>8}")
+        for k, name in (("floor", "floor sp.encode(batch)"), ("tinyllama", "TinyLlama per-doc"),
+                        ("ours_cold", "ours, cold cache"), ("ours_warm", "ours, warm cache")):
+            print(f"{name:24}{r['tokens_per_s_per_core'][k] / 1e6:>20.2f}{r['ratio_to_floor'][k]:>8.2f}")
+        mm = r["memory"]
+        print(f"cache after one pass: {mm['cache_entries']:,} entries, ~{mm['cache_approx_mb']} MB "
+              f"(estimate); RSS held {mm['rss_held_by_cache_mb']} MB, peak RSS delta "
+              f"{mm['peak_rss_delta_mb']} MB (streaming the batches, outputs dropped)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=float, default=30, help="MB of prose")
+    ap.add_argument("--code-mb", type=float, default=30, help="MB of code (stdlib sources)")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--novel", type=float, default=0.10, help="share of words replaced by new ones")
+    ap.add_argument("--batch", type=int, default=1000, help="documents per encode call")
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--profile", default=None, help="pstats sort key: profile one cold pass")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    res = run_benchmark(a.mb, a.code_mb, a.vocab, a.novel, a.batch, a.runs, a.profile)
+    print_table(res)
+    if a.json:
+        print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
