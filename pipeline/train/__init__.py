@@ -1,0 +1,17 @@
+"""The bundled trainer: a Llama under FSDP2 that streams a run's mixture (`tinyprep train`).
+
+One job per module (torchtitan's layout):
+
+    model.py        Llama (RMSNorm, RoPE, SwiGLU, grouped-query attention), configs, TinyLlama init
+    parallelize.py  meta-device build, activation checkpointing, torch.compile, FSDP2 fully_shard
+    permutation.py  keyed Feistel bijection of [0, n): a fresh shuffle per source and epoch
+    mixing.py       exact per-batch source counts (a periodic Pfair table) and in-batch order
+    shards.py       token windows of a source's stream over its shards (pread, per-shard offsets)
+    loader.py       the global sample stream, each rank's slice, resume state; the holdout set
+    schedule.py     warmup + cosine learning rate
+    checkpoint.py   DCP checkpoints (model, optimizer, loader position, RNG)
+    metrics.py      metrics.jsonl and console lines, MFU
+    distributed.py  process groups and launching ranks (or joining torchrun's)
+    trainer.py      prepare, launch, the training loop, validation
+    synthetic.py    runs of synthetic tokens for tests and benchmarks
+"""

@@ -1,0 +1,304 @@
+"""The mixture stream: sample i of the global stream, and each rank's part of each global batch.
+
+Global sample i is a pure function of (mixture, global batch size, i):
+
+1. batch b = i // B; the allocation (mixing.py) says which source position i % B of batch b holds
+   and k, how many samples of that source came before it in the stream;
+2. epoch e = k // n_s and position p = k % n_s, with n_s the source's samples per epoch;
+3. the epoch's permutation (permutation.py, keyed by the mixture seed, the source and e) maps p to
+   j: the source's sample j, the seq_len + 1 tokens starting at token j * seq_len of the source's
+   stream (its train shards concatenated in manifest order, across document boundaries);
+4. the shard and offset come from one cumulative token count per shard (shards.py).
+
+Nothing per sample or per document is stored, so start-up and memory do not grow with the corpus,
+there is no pause between epochs, and the resume state is one integer: samples consumed (a
+multiple of B). Rank r of W takes the contiguous slice [r B / W, (r + 1) B / W) of every global
+batch, so a batch's contents do not depend on W (nor on DataLoader workers, which take whole
+batches in turn: `as_dataloader`); a run can resume on another world size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import torch
+
+from .. import storage
+from ..formats import FormatError
+from ..formats.manifest import (MANIFEST_NAME, MIXTURE_NAME, Manifest, ManifestError, Mixture,
+                                check_mixture_against_manifest, parse_manifest, parse_mixture)
+from .mixing import MixtureSchedule
+from .permutation import FeistelPermutation, derive_keys
+from .shards import ShardSet, SourceStream
+
+INDEX_CHUNK = 4096  # samples whose indices are computed at once (amortizes numpy call overhead)
+_FIELDS = ("source", "epoch", "position", "sample")
+
+
+@dataclass(frozen=True)
+class SampleRefs:
+    """Where samples come from: source number, epoch, position in the epoch, permuted sample
+    index j (tokens [j seq_len, j seq_len + seq_len + 1) of the source stream)."""
+
+    source: np.ndarray
+    epoch: np.ndarray
+    position: np.ndarray
+    sample: np.ndarray
+
+
+@dataclass
+class Batch:
+    """One rank's part of global batch `index`: tokens (rows, seq_len + 1) as int64, and the
+    source of each row."""
+
+    index: int
+    tokens: torch.Tensor
+    sources: np.ndarray
+
+
+class MixtureIndex:
+    """Index math of the global stream (no I/O): sample i -> source, epoch, permuted sample."""
+
+    def __init__(self, mixture: Mixture, global_batch: int):
+        self.mixture = mixture
+        self.seq_len = mixture.seq_len
+        self.global_batch = int(global_batch)
+        self.names = [s.name for s in mixture.sources]
+        self.per_epoch = np.array([s.samples_per_epoch for s in mixture.sources], dtype=np.int64)
+        self.schedule = MixtureSchedule([s.samples for s in mixture.sources], self.global_batch)
+        self._perms: dict[tuple[int, int], FeistelPermutation] = {}
+
+    def permutation(self, source: int, epoch: int) -> FeistelPermutation:
+        key = (source, epoch)
+        perm = self._perms.get(key)
+        if perm is None:
+            if len(self._perms) > 64:
+                self._perms.clear()
+            keys = derive_keys("tinyprep-epoch", self.mixture.seed, self.names[source], epoch)
+            perm = self._perms[key] = FeistelPermutation(int(self.per_epoch[source]), keys)
+        return perm
+
+    def refs(self, start: int, stop: int) -> SampleRefs:
+        """Global samples [start, stop)."""
+        src, k = self.schedule.assign(start, stop)
+        n = self.per_epoch[src]
+        epoch, pos = np.divmod(k, n)
+        sample = np.empty_like(pos)
+        for s in np.unique(src).tolist():
+            sel = src == s
+            for e in np.unique(epoch[sel]).tolist():
+                m = sel & (epoch == e)
+                sample[m] = self.permutation(s, e)(pos[m])
+        return SampleRefs(src, epoch, pos, sample)
+
+    def consumed(self, samples: int) -> dict[str, dict[str, float]]:
+        """Per source after `samples` global samples: samples, tokens (seq_len each) and epochs."""
+        counts = self.schedule.counts_before(samples)
+        return {name: {"samples": int(c), "tokens": int(c) * self.seq_len, "epochs": float(c) / float(n)}
+                for name, c, n in zip(self.names, counts, self.per_epoch)}
+
+
+def load_plan(run_url: str) -> tuple[Manifest, Mixture]:
+    """manifest.json and mixture.json of a run, each validated, and the mixture checked against the
+    manifest (its hash, the shard lists and the fingerprint over the train shards' checksums):
+    ManifestError (a FormatError) names the file and what disagrees."""
+    def read(url: str, stage: str) -> tuple[bytes, object]:
+        try:
+            raw = storage.read_bytes(url)
+        except FileNotFoundError:
+            raise ManifestError(f"{url}: missing (run the {stage} stage first)") from None
+        try:
+            return raw, orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise ManifestError(f"{url}: not valid JSON: {e}") from None
+
+    murl, xurl = storage.join(run_url, MANIFEST_NAME), storage.join(run_url, MIXTURE_NAME)
+    raw, data = read(murl, "tokenize")
+    manifest = parse_manifest(data, murl)
+    mixture = parse_mixture(read(xurl, "mix")[1], xurl)
+    check_mixture_against_manifest(mixture, manifest, raw, xurl)
+    return manifest, mixture
+
+
+def check_world(global_batch: int, world: int, micro_batch: int) -> int:
+    """Micro-batches per step of each rank; ValueError unless the global batch splits evenly."""
+    if global_batch % world:
+        raise ValueError(f"train.global_batch {global_batch} is not divisible by the world size {world} "
+                         f"(every rank takes global_batch / world samples of each batch)")
+    local = global_batch // world
+    if local % micro_batch:
+        raise ValueError(f"train.micro_batch {micro_batch} does not divide the {local} samples per rank "
+                         f"(global_batch {global_batch} / world size {world})")
+    return local // micro_batch
+
+
+class MixtureLoader:
+    """Rank `rank` of `world`: its rows of every global batch, from `samples` consumed onwards."""
+
+    def __init__(self, run_url: str, manifest: Manifest, mixture: Mixture, global_batch: int,
+                 rank: int = 0, world: int = 1, samples: int = 0):
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by the world size {world}")
+        if samples % global_batch:
+            raise ValueError(f"resume position {samples} is not a multiple of the global batch {global_batch}")
+        self.index = MixtureIndex(mixture, global_batch)
+        self.seq_len = mixture.seq_len
+        self.window = self.seq_len + 1
+        self.rank, self.world = rank, world
+        self.local = global_batch // world
+        self.samples = samples
+        entries, self.streams = [], []
+        by_path = {e.path: e for e in manifest.shards if e.split == "train"}
+        for src in mixture.sources:
+            try:
+                shard_entries = [by_path[p] for p in src.shards]
+            except KeyError as e:
+                raise FormatError(f"mixture.json: source {src.name!r} lists shard {e.args[0]!r}, which is not a "
+                                  "train shard of manifest.json") from None
+            self.streams.append((len(entries), [e.tokens for e in shard_entries]))
+            entries.extend(shard_entries)
+        self.shards = ShardSet(run_url, entries)
+        self.streams = [SourceStream(self.shards, first, tokens) for first, tokens in self.streams]
+        for src, stream in zip(mixture.sources, self.streams):
+            if stream.tokens != src.available_tokens:
+                raise FormatError(f"mixture.json: source {src.name!r}: available_tokens {src.available_tokens:,} "
+                                  f"!= {stream.tokens:,} in its shards")
+        self.dtype = self.shards.dtype
+
+    # -- state: one integer -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"samples": self.samples, "global_batch": self.index.global_batch,
+                "fingerprint": self.index.mixture.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.index.mixture.fingerprint:
+            raise ValueError("loader state comes from another mixture")
+        if state["global_batch"] != self.index.global_batch:
+            raise ValueError(f"loader state has global batch {state['global_batch']}, this run "
+                             f"{self.index.global_batch}")
+        self.samples = int(state["samples"])
+
+    # -- reading ---------------------------------------------------------------------------------
+    def rows(self, batch: int) -> tuple[int, int]:
+        """This rank's global sample range in global batch `batch`."""
+        start = batch * self.index.global_batch + self.rank * self.local
+        return start, start + self.local
+
+    def _locate(self, refs: SampleRefs) -> tuple[np.ndarray, np.ndarray]:
+        """Shard number and token offset of each window; shard -1 marks a window that spans shards
+        (its offset is then the offset in the source stream)."""
+        shard = np.empty(refs.sample.size, dtype=np.int64)
+        offset = np.empty(refs.sample.size, dtype=np.int64)
+        for s in np.unique(refs.source).tolist():
+            m = refs.source == s
+            starts = refs.sample[m] * self.seq_len
+            sh, off, inside = self.streams[s].locate(starts, self.window)
+            shard[m] = np.where(inside, sh, -1)
+            offset[m] = np.where(inside, off, starts)
+        return shard, offset
+
+    def batches(self, start_batch: int | None = None, stop_batch: int | None = None, stride: int = 1):
+        """This rank's part of global batches start_batch, start_batch + stride, ... (< stop_batch).
+
+        Index math runs about INDEX_CHUNK samples ahead, vectorized; then each row is one pread
+        into a staging buffer, and each batch one conversion to a new int64 tensor."""
+        gb = self.index.global_batch
+        b = self.samples // gb if start_batch is None else start_batch
+        per_chunk = max(1, INDEX_CHUNK // gb)
+        mine = self.rank * self.local + np.arange(self.local)
+        stage = np.empty((self.local, self.window), dtype=self.dtype)
+        views = [memoryview(row).cast("B") for row in stage]
+        row_bytes = self.window * self.dtype.itemsize
+        fds, open_fd, preadv = self.shards.fds, self.shards.open, os.preadv
+        while stop_batch is None or b < stop_batch:
+            todo = np.arange(per_chunk) * stride + b
+            if stop_batch is not None:
+                todo = todo[todo < stop_batch]
+                if not todo.size:
+                    return
+            if stride == 1:  # one contiguous range of global samples
+                refs = self.index.refs(int(todo[0]) * gb, (int(todo[-1]) + 1) * gb)
+                rows = ((todo - todo[0])[:, None] * gb + mine).reshape(-1)
+                refs = SampleRefs(*(getattr(refs, f)[rows] for f in _FIELDS))
+            else:
+                parts = [self.index.refs(int(x) * gb + int(mine[0]), int(x) * gb + int(mine[-1]) + 1) for x in todo]
+                refs = SampleRefs(*(np.concatenate([getattr(r, f) for r in parts]) for f in _FIELDS))
+            shard, offset = self._locate(refs)
+            shards, byte_offsets = shard.tolist(), (offset * self.dtype.itemsize).tolist()
+            r = 0
+            for i, x in enumerate(todo.tolist()):
+                for j, view in enumerate(views):
+                    sh = shards[r]
+                    if sh < 0:  # the window spans shard ends
+                        self.streams[int(refs.source[r])].read(int(offset[r]), stage[j])
+                    else:
+                        fd = fds.get(sh)
+                        if preadv(open_fd(sh) if fd is None else fd, [view], byte_offsets[r]) != row_bytes:
+                            self.shards.short_read(sh, byte_offsets[r])
+                    r += 1
+                lo = i * self.local
+                yield Batch(x, torch.from_numpy(stage.astype(np.int64)), refs.source[lo:lo + self.local])
+            b = int(todo[-1]) + stride
+
+    def __iter__(self):
+        """Batches from the current position on; `samples` advances as each one is handed out."""
+        for batch in self.batches():
+            self.samples = (batch.index + 1) * self.index.global_batch
+            yield batch
+
+    def as_dataloader(self, num_workers: int) -> torch.utils.data.DataLoader:
+        """The same batches through a torch DataLoader whose workers take whole batches in turn
+        (worker w: batches b0 + w, b0 + w + num_workers, ...); the DataLoader hands them out in
+        round-robin order, so the sequence is the same as iterating this loader."""
+        return torch.utils.data.DataLoader(_WorkerBatches(self, num_workers), batch_size=None,
+                                           num_workers=num_workers, collate_fn=_keep)
+
+
+def _keep(x):
+    return x
+
+
+class _WorkerBatches(torch.utils.data.IterableDataset):
+    def __init__(self, loader: MixtureLoader, num_workers: int):
+        self.loader, self.num_workers = loader, max(1, num_workers)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w = info.id if info is not None else 0
+        first = self.loader.samples // self.loader.index.global_batch
+        stride = self.num_workers if info is not None else 1
+        return self.loader.batches(first + w, None, stride)
+
+
+class HoldoutSet:
+    """The validation samples: per source, the first `per_source` windows of seq_len + 1 tokens of
+    its validation stream (its validation shards in manifest order), every seq_len tokens."""
+
+    def __init__(self, run_url: str, manifest: Manifest, mixture: Mixture, per_source: int):
+        self.seq_len = mixture.seq_len
+        self.names: list[str] = []
+        entries, spans = [], []
+        for src in mixture.sources:
+            shard_entries = manifest.shards_of(src.name, "validation")
+            total = sum(e.tokens for e in shard_entries)
+            n = min(per_source, max(total - 1, 0) // self.seq_len)
+            if n:
+                self.names.append(src.name)
+                spans.append((len(entries), [e.tokens for e in shard_entries], n))
+                entries.extend(shard_entries)
+        self.shards = ShardSet(run_url, entries) if entries else None
+        self.streams = [SourceStream(self.shards, first, tokens) for first, tokens, _ in spans]
+        # (source number in self.names, window index) of every validation sample, in order
+        self.items = [(s, j) for s, (_, _, n) in enumerate(spans) for j in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read(self, items: list[tuple[int, int]]) -> torch.Tensor:
+        buf = np.empty((len(items), self.seq_len + 1), dtype=self.shards.dtype if self.shards else np.uint16)
+        for row, (s, j) in enumerate(items):
+            self.streams[s].read(j * self.seq_len, buf[row])
+        return torch.from_numpy(buf.astype(np.int64))
