@@ -1,5 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make run    set up .venv, generate the sample corpus, run recipes/sample.yaml on an embedded Ray
+#               (download, ingest, dedup, tokenize, mix), verify the shards, train a tiny Llama on
+#               them for 30 steps, print the mixture statistics
 #   make test   set up .venv and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -19,12 +21,20 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/tinyprep sample data/sample
 	$(BIN)/tinyprep run recipes/sample.yaml
+	$(BIN)/tinyprep verify runs/sample
+	$(BIN)/tinyprep train recipes/sample.yaml
+	$(BIN)/tinyprep stats runs/sample
 
 test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
 	$(BIN)/python tests/benchmarks/bench_ingest.py
+	$(BIN)/python tests/benchmarks/bench_tokenize.py
+	$(BIN)/python tests/benchmarks/bench_encoder.py
+	$(BIN)/python tests/benchmarks/bench_dedup.py
+	$(BIN)/python tests/benchmarks/bench_loader.py
+	$(BIN)/python tests/benchmarks/bench_scaling.py
 
 clean:
 	rm -rf runs data .pytest_cache

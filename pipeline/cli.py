@@ -6,8 +6,6 @@ import logging
 import sys
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from . import __version__, storage
 from .recipe import RecipeError, load_recipe
@@ -94,32 +92,191 @@ def sample(out_dir: str, force: bool) -> None:
                + ", ".join(f"{k}: {v}" for k, v in sorted(counts.get("rows", {}).items())))
 
 
+@main.command("train-tokenizer")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", "out", required=True, metavar="PATH", help="Where to write the tokenizer.model.")
+@click.option("--vocab-size", default=32000, show_default=True, type=click.IntRange(min=300), help="Pieces.")
+@click.option("--max-mb", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="MB of text sampled (by document hash) for training.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def train_tokenizer_cmd(inputs: tuple[str, ...], out: str, vocab_size: int, max_mb: int, seed: int) -> None:
+    """Train a SentencePiece BPE tokenizer with Llama-2-like settings (deterministic).
+
+    INPUTS: run directories (their ingested documents), parquet, JSON lines (.jsonl, .jsonl.gz,
+    .jsonl.zst; field text or content) or text files; globs allowed.
+    """
+    from .formats import FormatError
+    from .tokenize import train_tokenizer
+
+    try:
+        info = train_tokenizer(list(inputs), out, vocab_size=vocab_size, max_bytes=max_mb << 20, seed=seed)
+    except FormatError as e:
+        _fail(str(e))
+    click.echo(f"{out}: {info['vocab_size']} pieces from {info['documents']:,} documents "
+               f"({info['sentences']:,} lines), sha256 {info['sha256']}")
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.option("--format", "fmt", type=click.Choice(["litgpt"]), default="litgpt", show_default=True)
+@click.option("-o", "--output", "out", required=True, metavar="DIR", help="Directory of the exported files.")
+@click.option("--chunk-size", default=2049 * 1024, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per LITPKDS chunk.")
+@click.option("--split", type=click.Choice(["train", "validation"]), default="train", show_default=True)
+@click.option("--prefix", "prefixes", multiple=True, metavar="SOURCE=PREFIX",
+              help="File prefix of a source (default <split>_<source>; starcoderdata: <split>_starcoder).")
+@click.option("--force", is_flag=True, help="Replace chunk files of an earlier export with the same prefixes.")
+def export(run_dir: str, fmt: str, out: str, chunk_size: int, split: str, prefixes: tuple[str, ...],
+           force: bool) -> None:
+    """Export a tokenized run for another trainer (litgpt: TinyLlama's LITPKDS chunks).
+
+    The last partial chunk of each source is dropped, never padded (TinyLlama issue #83).
+    """
+    from .export import ExportError, export_litgpt, parse_prefixes
+
+    try:
+        summary = export_litgpt(run_dir, out, chunk_size, split, parse_prefixes(list(prefixes)), force)
+    except ExportError as e:
+        _fail(str(e))
+    for src, s in summary["sources"].items():
+        click.echo(f"{src}: {s['chunks']} chunk(s) {s['prefix']}_*.bin, {s['tokens_written']:,} tokens "
+                   f"({s['tokens_dropped']:,} of the last partial chunk dropped)")
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.option("--tokenizer", metavar="PATH", help="Check against this model (default: the run's recipe's).")
+@click.option("--no-checksums", is_flag=True, help="Skip the sha256 of every shard (sizes and headers only).")
+def verify(run_dir: str, tokenizer: str | None, no_checksums: bool) -> None:
+    """Check a run's shards against manifest.json: files, sizes, headers, counts, checksums, tokenizer."""
+    from .export import VerifyError, verify_run
+
+    try:
+        r = verify_run(run_dir, tokenizer, checksums=not no_checksums)
+    except VerifyError as e:
+        _fail(f"{run_dir}: {len(e.problems)} problem(s):\n" + "\n".join(f"  {p}" for p in e.problems))
+    click.echo(f"{run_dir}: OK: {r.shards} shards, {r.docs:,} documents, {r.tokens:,} tokens, tokenizer "
+               f"{r.tokenizer}" + (", mixture.json" if r.mixture else ""))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", metavar="URL", help="Run directory (overrides the recipe's `output`).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (train.*).")
+@click.option("--nproc", type=click.IntRange(min=1), help="Processes on this machine (default: train.nproc, "
+              "else one per GPU, or 1 on CPU). Ignored inside torchrun.")
+@click.option("--fresh", is_flag=True, help="Delete this run's checkpoints and metrics and start from step 0.")
+def train(recipe: str, output: str | None, overrides: tuple[str, ...], nproc: int | None, fresh: bool) -> None:
+    """Train the recipe's model on its mixture (RUN/mixture.json), resuming from the latest checkpoint.
+
+    Starts one process per rank itself (gloo on CPU, NCCL on GPU), or runs as one rank inside
+    torchrun: `torchrun --nproc-per-node 8 -m pipeline.cli train RECIPE`.
+    """
+    from .train.trainer import TrainError, train as run_training
+
+    try:
+        r = load_recipe(recipe, list(overrides), output)
+    except RecipeError as e:
+        _fail(str(e), 2)
+    try:
+        run_training(r, nproc, fresh)
+    except TrainError as e:
+        _fail(str(e))
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Print the stats document (format tinyprep-stats, version 1).")
+@click.option("-o", "--output", "out", metavar="URL", help="Also write the JSON document here.")
+@click.option("--no-lengths", is_flag=True, help="Do not read the shards' indexes (document lengths, shard checks).")
+@click.option("--check", is_flag=True, help="Exit 1 when something is missing or the accounting does not hold.")
+def stats(run_dir: str, as_json: bool, out: str | None, no_lengths: bool, check: bool) -> None:
+    """Per source and subset: documents read, filtered, duplicates, kept, tokens, mixture shares and
+    epochs, unreadable inputs, document lengths, dedup clusters and stage timings of a run.
+
+    RUN is any fsspec URL; a partial run shows what exists and lists what is missing.
+    """
+    from .stats.summary import SummaryError, collect, dumps
+    from .stats.tables import print_tables
+
+    try:
+        summary = collect(run_dir, lengths=not no_lengths)
+    except SummaryError as e:
+        _fail(str(e))
+    if out:
+        storage.write_bytes(out, dumps(summary))
+    if as_json:
+        click.echo(dumps(summary).decode(), nl=False)
+    else:
+        print_tables(summary)
+    if check and (summary["missing"] or summary["problems"]):
+        _fail(f"{run_dir}: {len(summary['missing'])} missing, {len(summary['problems'])} problem(s)")
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.option("-o", "--output", "out", default="report.html", show_default=True, metavar="URL",
+              help="Where to write the HTML page.")
+def report(run_dir: str, out: str) -> None:
+    """One self-contained HTML page of a run: mixture, document lengths, dedup against SlimPajama's
+    published rates, tokens per shard and the stage timeline."""
+    from .stats.report import render_html
+    from .stats.summary import SummaryError, collect
+
+    try:
+        summary = collect(run_dir)
+    except SummaryError as e:
+        _fail(str(e))
+    storage.write_bytes(out, render_html(summary).encode())
+    click.echo(f"{out}: report of {run_dir}" + (f" ({len(summary['missing'])} part(s) missing)"
+                                                if summary["missing"] else ""))
+
+
+@main.command("inspect")
+@click.argument("target", metavar="RUN|FILE.bin")
+@click.option("--source", help="Only this source (a run directory).")
+@click.option("--split", type=click.Choice(["train", "validation"]), default="train", show_default=True)
+@click.option("--n", "count", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Documents per source (per file).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--tokenizer", metavar="PATH", help="tokenizer.model (default: the run's, checked by hash).")
+@click.option("--pieces", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Token pieces shown at each end of a document.")
+@click.option("--max-chars", default=2000, show_default=True, type=click.IntRange(min=0),
+              help="Characters of text shown per document (0: all).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per document.")
+def inspect_cmd(target: str, source: str | None, split: str, count: int, seed: int, tokenizer: str | None,
+                pieces: int, max_chars: int, as_json: bool) -> None:
+    """Random documents decoded from a run's shards (or from one Megatron .bin or LITPKDS chunk),
+    with token counts and boundaries."""
+    import orjson
+
+    from .inspect import InspectError, inspect_file, inspect_run, render
+
+    try:
+        if target.endswith((".bin", ".idx")):
+            samples = inspect_file(target, count, seed, tokenizer, pieces)
+        else:
+            samples = inspect_run(target, source, split, count, seed, tokenizer, pieces)
+    except InspectError as e:
+        _fail(str(e))
+    if as_json:
+        for s in samples:
+            click.echo(orjson.dumps(s.to_json()).decode())
+    else:
+        click.echo(render(samples, max_chars))
+
+
 def _print_summary(run_url: str) -> None:
-    """Per-source document accounting of the ingest stage, if it ran."""
-    data = storage.read_json(storage.join(run_url, "stats", "ingest.json"))
-    if not data:
+    """What the run produced: documents per source and subset, then the mixture (when planned)."""
+    from .stats.summary import SummaryError, collect
+    from .stats.tables import print_tables
+
+    try:
+        summary = collect(run_url, lengths=False)
+    except SummaryError:
         return
-    table = Table(title=f"ingest: documents per source ({run_url})", show_lines=False)
-    for col in ("source / subset", "files", "read", "kept", "filtered", "unreadable", "kept MB"):
-        table.add_column(col, justify="left" if col.startswith("source") else "right")
-
-    def row(name: str, c: dict, files: str = "", style: str | None = None) -> None:
-        filtered = c.get("filtered", {})
-        unread = c.get("unreadable", {})
-        ftxt = f"{sum(filtered.values()):,}" + (
-            " (" + ", ".join(f"{k} {v:,}" for k, v in sorted(filtered.items())) + ")" if filtered else "")
-        utxt = f"{sum(unread.values()):,}" + (
-            " (" + ", ".join(f"{k} {v:,}" for k, v in sorted(unread.items())) + ")" if unread else "")
-        table.add_row(name, files, f"{c.get('read', 0):,}", f"{c.get('kept', 0):,}", ftxt, utxt,
-                      f"{c.get('bytes_kept', 0) / 1e6:,.2f}", style=style)
-
-    for src, c in sorted(data["stats"].get("sources", {}).items()):
-        files = f"{c.get('files', 0):,}" + (f" ({c['files_unreadable']} bad)" if c.get("files_unreadable") else "")
-        row(src, c, files, style="bold")
-        for sub, sc in sorted(c.get("subsets", {}).items()):
-            row(f"  {sub}", sc)
-    Console(width=max(120, Console().width)).print(table)
-
+    print_tables(summary, ("documents", "mixture"))
 
 if __name__ == "__main__":
     main()

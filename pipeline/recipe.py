@@ -115,8 +115,35 @@ class SourceConfig(_Model):
         return self
 
 
+class TokenizerTrainConfig(_Model):
+    """Train a SentencePiece BPE tokenizer (Llama-2-like settings) from the run's own documents."""
+
+    vocab_size: int = Field(32000, ge=300, description="pieces, including 256 byte-fallback pieces and <unk> <s> </s>")
+    max_mb: int = Field(1024, gt=0, description="MB of text sampled (by document hash) for training")
+    seed: int = Field(0, description="seed of the document sample and of SentencePiece")
+    character_coverage: float = Field(0.99995, gt=0, le=1, description="characters covered by pieces (Llama-2: 0.99995)")
+
+
 class TokenizerRef(_Model):
-    model: str = Field(description="SentencePiece tokenizer.model (Llama-2's, or one from train-tokenizer)")
+    model: str | None = Field(
+        None, description="SentencePiece tokenizer.model (Llama-2's, or one from train-tokenizer); "
+                          "null with `train`: RUN/tokenizer.model")
+    train: TokenizerTrainConfig | None = Field(
+        None, description="when the model file does not exist, the tokenize stage trains it from the run's documents")
+
+    @field_validator("model")
+    @classmethod
+    def _absolute_model(cls, v: str | None) -> str | None:
+        # the tokenize tasks may run in another working directory (Ray workers)
+        if v is None or "://" in v or os.path.isabs(v):
+            return v
+        return str(Path(v).expanduser().resolve())
+
+    @model_validator(mode="after")
+    def _model_or_train(self) -> "TokenizerRef":
+        if self.model is None and self.train is None:
+            raise ValueError("needs model (a tokenizer.model file) or train (settings to train one)")
+        return self
 
 
 class DedupConfig(_Model):
@@ -153,7 +180,10 @@ class TokenizeConfig(_Model):
 
     bos: bool = Field(True, description="prepend BOS to every document (TinyLlama: BOS as the separator)")
     eos: bool = Field(False, description="append EOS to every document")
-    shard_mb: int = Field(256, gt=0, description="target size of a .bin shard")
+    shard_mb: float = Field(256, gt=0, description="target size of a .bin shard (a shard closes at the first "
+                                                   "document boundary past it)")
+    dtype: Literal["auto", "uint16", "int32"] = Field(
+        "auto", description="token dtype of the shards; auto: uint16 below 65,500 pieces, else int32")
     holdout_fraction: float = Field(
         0.0017, ge=0, lt=1, description="validation holdout by document-id hash (SlimPajama: 0.17%)"
     )
@@ -161,6 +191,9 @@ class TokenizeConfig(_Model):
     dedup_holdout: bool = Field(True, description="drop train documents whose text equals a holdout document")
     cpus_per_task: int = Field(1, gt=0, description="CPUs (encoding threads) each tokenize task gets")
     batch_docs: int = Field(1024, gt=0, description="documents per encoding batch")
+    cache_entries: int = Field(
+        1_000_000, ge=0, description="segment cache of the exact fast encoder per worker (about 170 bytes an "
+                                     "entry); 0: plain SentencePiece batches. Never changes the ids")
 
 
 class MixConfig(_Model):
@@ -175,11 +208,51 @@ class MixConfig(_Model):
     max_epochs: float = Field(4.0, gt=0, description="warn when a source would repeat more often than this")
 
 
+class TrainConfig(_Model):
+    """The bundled trainer (`tinyprep train`): a Llama under FSDP2 that streams RUN/mixture.json.
+
+    Defaults are TinyLlama's run: tinyllama-1.1b, 1024 samples of 2048 tokens per step, AdamW
+    lr 4e-4 (betas 0.9/0.95, weight decay 0.1), 2000 warmup steps, cosine to 4e-5, clip 1.0.
+    """
+
+    model: str = Field("tinyllama-1.1b", description="model config: tinyllama-1.1b, llama-12m or tiny")
+    model_args: dict[str, int | float] = Field(
+        default_factory=dict, description="overrides of the model config (n_layer, dim, n_head, ...)")
+    global_batch: int = Field(1024, gt=0, description="samples (of seq_len tokens) per optimizer step, all ranks")
+    micro_batch: int = Field(8, gt=0, description="samples per forward/backward on one rank")
+    max_steps: int | None = Field(None, gt=0, description="null: the plan's total_samples // global_batch")
+    lr: float = Field(4e-4, gt=0)
+    min_lr: float = Field(4e-5, ge=0, description="the cosine schedule's floor")
+    warmup_steps: int = Field(2000, ge=0)
+    decay_steps: int | None = Field(None, gt=0, description="cosine length in steps; null: max_steps")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null: no clipping")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 mixed precision (fp32 master weights and reductions) on GPU, fp32 on CPU")
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+    compile: bool = Field(False, description="torch.compile each block")
+    doc_mask: bool = Field(False, description="attend only within a document (needs tokenize.bos or tokenize.eos)")
+    eval_every: int = Field(1000, ge=0, description="steps between validation losses on the holdout (0: never)")
+    eval_samples: int = Field(64, ge=0, description="holdout samples per source in a validation")
+    log_every: int = Field(10, gt=0, description="steps between metrics lines (console and RUN/<dir>/metrics.jsonl)")
+    checkpoint_every: int = Field(1000, ge=0, description="steps between DCP checkpoints (0: only at the end)")
+    keep_checkpoints: int = Field(2, gt=0, description="most recent checkpoints kept")
+    nproc: int | None = Field(None, gt=0, description="processes on this machine; null: one per GPU, or 1 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(1337, description="seed of the weight initialization")
+    peak_flops: float | None = Field(
+        None, gt=0, description="peak FLOP/s of one device for MFU; null: A100/H100/H200 by name (bf16 dense)")
+    dir: str = Field("train", description="where checkpoints and metrics go, relative to the run directory")
+
+
 class Recipe(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
     output: str = Field(description="run directory (any fsspec URL)")
     stages: list[Literal["download", "ingest", "dedup", "tokenize", "mix"]] = Field(
-        default_factory=lambda: ["download", "ingest"])
+        default_factory=lambda: list(STAGES), description="stages to run, in flow order (default: all)")
     sources: list[SourceConfig] = Field(min_length=1)
     ray: RayConfig = RayConfig()
     download: DownloadConfig = DownloadConfig()
@@ -188,6 +261,7 @@ class Recipe(_Model):
     tokenizer: TokenizerRef | None = None
     tokenize: TokenizeConfig = TokenizeConfig()
     mix: MixConfig = MixConfig()
+    train: TrainConfig = TrainConfig()
 
     @field_validator("stages")
     @classmethod

@@ -53,10 +53,14 @@ def tree_digest(root: Path, *subdirs: str) -> dict[str, str]:
 
 def outputs(run: Path) -> dict[str, str]:
     """Everything a run produces that must not depend on workers, nodes, retries or kills."""
-    digest = tree_digest(run, "raw", "docs")
+    digest = tree_digest(run, "raw", "docs", "dedup/removed", "shards")
+    for name in ("manifest.json", "mixture.json", "tokenizer.model"):
+        p = run / name
+        digest[name] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else "missing"
     stats = tree_digest(run, "stats")
-    for name in ("download.json", "ingest.json", "ingest.issues.jsonl"):
-        digest[f"stats/{name}"] = stats[f"stats/{name}"]
+    for stage in ("download", "ingest", "dedup", "tokenize", "mix"):
+        for name in (f"{stage}.json", f"{stage}.issues.jsonl"):
+            digest[f"stats/{name}"] = stats.get(f"stats/{name}", "missing")
     return digest
 
 
