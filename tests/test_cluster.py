@@ -52,12 +52,13 @@ def test_multi_node_run_matches_the_local_run(reference, workdir, tmp_path, clus
 def test_killing_a_worker_node_mid_stage_changes_nothing(reference, workdir, tmp_path, cluster):
     c, worker = cluster
     run = tmp_path / "killed"
-    env = {**os.environ, "RAY_ADDRESS": c.address, "TINYPREP_FAULTS": "ingest:*:slow:1"}
+    env = {**os.environ, "RAY_ADDRESS": c.address, "TINYPREP_FAULTS": "ingest:slimpajama/*chunk1*:slow:1"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", RECIPE, "--output", str(run),
                              "--set", "ray.retry_backoff_s=0.2"],
                             cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # wait until ingest tasks are running (each first attempt sleeps 2 s), then kill the worker
+        # wait until ingest tasks are running (the first ones dispatched, chunk1, sleep 2 s), then kill
+        # the worker node while it runs one of them
         deadline = time.time() + 120
         while not any("ingest:" in line or "ingest: " in line for line in _log_lines(run)):
             assert proc.poll() is None, proc.communicate()
