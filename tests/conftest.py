@@ -71,3 +71,14 @@ def reference(workdir, tmp_path_factory):
     r = tinyprep("run", str(ROOT / "recipes" / "sample.yaml"), "--output", str(out), "--workers", "2", cwd=workdir)
     assert r.returncode == 0, r.stdout + r.stderr
     return out, r, outputs(out)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one thread is fastest, and immune to a loaded machine's oversubscription."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ from pipeline.train.permutation import FeistelPermutation, derive_keys
 SEQ = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a loaded machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _docs(rng, n_docs, lo, hi, mean_len):

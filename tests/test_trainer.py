@@ -29,13 +29,7 @@ TRAIN = {"model": "tiny", "global_batch": 8, "micro_batch": 2, "max_steps": 8, "
          "keep_checkpoints": 2, "nproc": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a loaded machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _recipe_dict(run_dir: str, **train) -> dict:
