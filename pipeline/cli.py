@@ -267,6 +267,27 @@ def inspect_cmd(target: str, source: str | None, split: str, count: int, seed: i
         click.echo(render(samples, max_chars))
 
 
+@main.command("plan")
+@click.argument("recipe", type=click.Path())
+@click.option("--nodes", default=1, show_default=True, type=click.IntRange(min=1), help="Nodes of the cluster.")
+@click.option("--cpus", type=click.IntRange(min=1), help="CPUs per node (default: this machine's).")
+@click.option("--sample-mb", default=8.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="MB of each source's inputs read to measure rates and ratios.")
+@click.option("--json", "as_json", is_flag=True, help="The estimate as one JSON object.")
+def plan_cmd(recipe: str, nodes: int, cpus: int | None, sample_mb: float, as_json: bool) -> None:
+    """Estimate sizes, tokens, CPU and wall time and disk per stage, from a sample of the inputs."""
+    import orjson
+
+    from .plan import PlanError, make_plan, render
+
+    try:
+        r = load_recipe(recipe)
+        p = make_plan(r, nodes=nodes, cpus=cpus, sample_mb=sample_mb)
+    except (RecipeError, PlanError) as e:
+        _fail(str(e))
+    click.echo(orjson.dumps(p, option=orjson.OPT_INDENT_2).decode() if as_json else render(p))
+
+
 def _print_summary(run_url: str) -> None:
     """What the run produced: documents per source and subset, then the mixture (when planned)."""
     from .stats.summary import SummaryError, collect

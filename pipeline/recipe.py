@@ -99,6 +99,8 @@ class SourceConfig(_Model):
     )
     filters: list[FilterSpec] = Field(default_factory=list)
     weight: float | None = Field(None, gt=0, description="mixture weight (recorded for the mix stage)")
+    size_gb: float | None = Field(
+        None, gt=0, description="expected input size in GB; `tinyprep plan` uses it when the inputs cannot be listed")
 
     @field_validator("urls")
     @classmethod

@@ -68,6 +68,13 @@ def list_inputs(recipe: Recipe, src: SourceConfig, run_url: str) -> list[storage
     cached = storage.read_json(cache)
     if cached and cached.get("key") == key:
         return [storage.InputFile(**f) for f in cached["files"]]
+    files = expand_source(src)
+    storage.write_json(cache, {"key": key, "source": src.name, "files": [f.to_json() for f in files]})
+    return files
+
+
+def expand_source(src: SourceConfig) -> list[storage.InputFile]:
+    """List a source's input files (urls, url_list), sorted, filtered to `select.dirs`."""
     files = storage.expand_urls(src.urls) if src.urls else []
     if src.url_list:
         files += storage.expand_url_list(src.url_list, src.url_list_match)
@@ -81,6 +88,4 @@ def list_inputs(recipe: Recipe, src: SourceConfig, run_url: str) -> list[storage
     seen: dict[str, storage.InputFile] = {}
     for f in files:
         seen.setdefault(f.rel_path, f)
-    files = [seen[k] for k in sorted(seen)]
-    storage.write_json(cache, {"key": key, "source": src.name, "files": [f.to_json() for f in files]})
-    return files
+    return [seen[k] for k in sorted(seen)]
