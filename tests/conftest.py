@@ -40,6 +40,27 @@ def tinyprep(*args: str, cwd: Path, env: dict | None = None, timeout: float = 30
                           capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def kill_run_when(ready, *args: str, cwd: Path, faults: str, timeout: float = 180) -> None:
+    """Start `tinyprep ARGS` with TINYPREP_FAULTS, wait until ready() (the stage is under way),
+    then SIGKILL its whole process group (driver and embedded Ray), as a dead machine would."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["TINYPREP_FAULTS"] = faults
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "the run made no progress"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def tree_digest(root: Path, *subdirs: str) -> dict[str, str]:
     """sha256 of every file under the given subdirectories of a run (relative path -> hash)."""
     out = {}

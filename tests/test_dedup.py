@@ -4,12 +4,7 @@ resume (through the CLI, on Ray), and bad input and the 10,000-copy cluster (in 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, tinyprep, tree_digest
+from conftest import ROOT, kill_run_when, tinyprep, tree_digest
 from pipeline import dedup, ingest
 from pipeline.dedup.shuffle import read_partition
 from pipeline.dedup.stage import EDGE_SCHEMA, read_layout
@@ -271,21 +266,10 @@ def test_one_worker_and_other_partitions_give_identical_removals(reference, work
 def test_killed_dedup_resumes_to_identical_outputs(reference, workdir, tmp_path):
     run, expected = reference
     k = _fresh_copy(run, tmp_path / "k")
-    env = {**os.environ, "TINYPREP_FAULTS": "dedup:components-002/p00001:hang"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", RECIPE, "--output", str(k), "--stages",
-                             "dedup", "--workers", "2"], cwd=workdir, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rdir = k / "tasks" / "dedup" / "components-002"
-    try:
-        deadline = time.time() + 180
-        while len(list(rdir.glob("*.json"))) < 3:  # the round is under way, its hung task is not done
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "the run made no progress"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # the round is under way, its hung task is not done
+    kill_run_when(lambda: len(list(rdir.glob("*.json"))) >= 3, "run", RECIPE, "--output", str(k),
+                  "--stages", "dedup", "--workers", "2", cwd=workdir, faults="dedup:components-002/p00001:hang")
     assert not (rdir / "p00001.json").exists() and not (k / "dedup" / "removed").exists()
     r = tinyprep("run", RECIPE, "--output", str(k), "--stages", "dedup", "--workers", "2", cwd=workdir)
     assert r.returncode == 0, r.stderr

@@ -6,17 +6,12 @@ Each test starts `tinyprep run` in its own process (with its own embedded Ray), 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, outputs, tinyprep
+from conftest import ROOT, kill_run_when, outputs, tinyprep
 
 RECIPE = str(ROOT / "recipes" / "sample.yaml")
 pytestmark = pytest.mark.slow
@@ -99,21 +94,9 @@ def test_permanent_failure_fails_the_stage_and_a_rerun_completes(reference, work
 def test_killed_run_resumes_to_byte_identical_outputs(reference, workdir, tmp_path):
     _, _, expected = reference
     run = tmp_path / "k"
-    env = {**os.environ, "TINYPREP_FAULTS": "ingest:slimpajama/*example_train_1.*:hang"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", RECIPE, "--output", str(run),
-                             "--workers", "2"], cwd=workdir, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 180
-        # wait until the stage is under way: some ingest tasks done, the hung one not
-        while len(_records(run, "ingest")) < 3:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "the run made no progress"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # the stage is under way: some ingest tasks done, the hung one not
+    kill_run_when(lambda: len(_records(run, "ingest")) >= 3, "run", RECIPE, "--output", str(run), "--workers", "2",
+                  cwd=workdir, faults="ingest:slimpajama/*example_train_1.*:hang")
     partial = {r["task"] for r in _records(run, "ingest")}
     assert not any("example_train_1." in t for t in partial)
     r = tinyprep("run", RECIPE, "--output", str(run), "--workers", "2", cwd=workdir)
