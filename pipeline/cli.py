@@ -50,7 +50,8 @@ def main(verbose: bool) -> None:
 @click.option("--workers", type=click.IntRange(min=1), help="CPUs of the embedded local Ray (default: all).")
 def run(recipe: str, output: str | None, stages: str | None, overrides: tuple[str, ...], workers: int | None) -> None:
     """Run a recipe's stages on Ray (embedded local Ray unless RAY_ADDRESS is set)."""
-    from .runner import StageFailed, run_recipe
+    from .runner import run_recipe
+    from .stage import StageFailed
 
     try:
         r = load_recipe(recipe, list(overrides), output)
@@ -172,7 +173,8 @@ def train(recipe: str, output: str | None, overrides: tuple[str, ...], nproc: in
     Starts one process per rank itself (gloo on CPU, NCCL on GPU), or runs as one rank inside
     torchrun: `torchrun --nproc-per-node 8 -m pipeline.cli train RECIPE`.
     """
-    from .train.trainer import TrainError, train as run_training
+    from .train.trainer import TrainError
+    from .train.trainer import train as run_training
 
     try:
         r = load_recipe(recipe, list(overrides), output)

@@ -33,9 +33,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import storage, tasks
+from . import storage
+from .inputs import list_inputs
+from .layout import RunDir
 from .recipe import Recipe
-from .tasks import Task
+from .stage import Stage, Task, TaskResult, fingerprint
 
 STAGE = "download"
 
@@ -65,33 +67,6 @@ class ChecksumMismatch(DownloadError):
 # Plan
 
 
-def plan(recipe: Recipe, run_url: str) -> list[Task]:
-    """One task per input file of every source with `download: true`, in listing order."""
-    out: list[Task] = []
-    for src in recipe.sources:
-        if not src.download:
-            continue
-        for f in tasks.list_inputs(recipe, src, run_url):
-            _check_rel_path(src.name, f.rel_path)
-            out.append(
-                Task(
-                    stage=STAGE,
-                    id=f"{src.name}/{f.rel_path}",
-                    source=src.name,
-                    fingerprint=tasks.fingerprint(f.version, f.size),
-                    size=max(f.size, 0),  # -1 (unknown) would skew progress totals
-                    payload={
-                        "url": f.url,
-                        "rel_path": f.rel_path,
-                        "size": f.size,
-                        "checksum": f.checksum,
-                        "dest": tasks.raw_url(run_url, src.name, f.rel_path),
-                    },
-                )
-            )
-    return out
-
-
 def _check_rel_path(source: str, rel_path: str) -> None:
     parts = rel_path.split("/")
     if rel_path.startswith("/") or any(p in ("", ".", "..") for p in parts):
@@ -108,46 +83,8 @@ class _Counters:
     resumed: int = 0
 
 
-def run_task(task: Task, recipe: Recipe, run_url: str) -> dict:
-    """Copy one file to its destination in the run (see the module docstring)."""
-    p = task.payload
-    cfg = recipe.download
-    url, dest = p["url"], p["dest"]
-    block = cfg.block_mb << 20
-    digest = _expected_digest(p.get("checksum")) if cfg.verify_checksum else None
-
-    src_fs, src_path = storage.url_to_fs(url)
-    dest_fs, dest_path = storage.url_to_fs(dest)
-    expected = int(p["size"]) if p.get("size") is not None else -1
-    if expected <= 0:  # unknown (URL lists) or not given by the listing (HTTP globs)
-        expected = _remote_size(src_fs, src_path, url)
-
-    issues: list[dict] = []
-    counters = _Counters()
-    local = storage.is_local(dest_fs)
-
-    complete, why = _is_complete(dest_fs, dest_path, expected, digest, block)
-    if complete:
-        if local:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(dest_path + PARTIAL_SUFFIX)  # stale: the file is already complete
-        size = int(dest_fs.size(dest_path))
-        return _result(task.source, dest, size, skipped=1, counters=counters, verified=digest is not None, issues=issues)
-    if why:
-        log.warning("%s: %s; downloading it again", dest, why)
-        issues.append({"file": p["rel_path"], "line": None, "kind": "bad_destination",
-                       "message": f"{dest}: {why}; downloaded again"})
-
-    if local:
-        size = _download_local(src_fs, src_path, url, dest_path, expected, digest, block, cfg.retries, counters)
-    else:
-        size = _download_remote(src_fs, src_path, url, dest, dest_fs, dest_path, expected, digest, block,
-                                cfg.retries, counters)
-    return _result(task.source, dest, size, skipped=0, counters=counters, verified=digest is not None, issues=issues)
-
-
 def _result(source: str, dest: str, size: int, *, skipped: int, counters: _Counters, verified: bool,
-            issues: list[dict]) -> dict:
+            issues: list[dict]) -> TaskResult:
     """`stats` holds only what does not depend on retries or kills (they are merged into
     RUN/stats/download.json, which a killed-and-rerun run must reproduce byte for byte); how this
     attempt got the file (skipped, resumed, reconnects) goes under `transfer`."""
@@ -155,8 +92,8 @@ def _result(source: str, dest: str, size: int, *, skipped: int, counters: _Count
     transfer = {"skipped": skipped, "resumed": counters.resumed, "reconnects": counters.reconnects}
     if skipped or counters.resumed or counters.reconnects:
         log.info("%s: %s", dest, ", ".join(f"{k} {v}" for k, v in transfer.items()))
-    return {"outputs": [dest], "stats": {"sources": {source: stats}}, "transfer": {"sources": {source: transfer}},
-            "issues": issues, "docs": 0, "bytes": size, "errors": 0}
+    return TaskResult(outputs=[dest], stats={"sources": {source: stats}}, transfer={"sources": {source: transfer}},
+                      issues=issues, bytes=size)
 
 
 def _download_local(src_fs, src_path: str, url: str, dest_path: str, expected: int, digest, block: int,
@@ -453,3 +390,75 @@ def url_for_log(url: str) -> str:
 
 def _fmt_size(n: int) -> str:
     return str(n) if n >= 0 else "an unknown number of"
+
+
+class DownloadStage(Stage):
+    name = STAGE
+
+    def plan(self, recipe: Recipe, run: RunDir, phase: str | None = None) -> list[Task]:
+        """One task per input file of every source with `download: true`, in listing order."""
+        out: list[Task] = []
+        for src in recipe.sources:
+            if not src.download:
+                continue
+            for f in list_inputs(src, run):
+                _check_rel_path(src.name, f.rel_path)
+                out.append(
+                    Task(
+                        stage=STAGE,
+                        id=f"{src.name}/{f.rel_path}",
+                        source=src.name,
+                        fingerprint=fingerprint(f.version, f.size),
+                        size=max(f.size, 0),  # -1 (unknown) would skew progress totals
+                        payload={
+                            "url": f.url,
+                            "rel_path": f.rel_path,
+                            "size": f.size,
+                            "checksum": f.checksum,
+                            "dest": run.raw(src.name, f.rel_path),
+                        },
+                    )
+                )
+        return out
+
+    def run_task(self, task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
+        """Copy one file to its destination in the run (see the module docstring)."""
+        p = task.payload
+        cfg = recipe.download
+        url, dest = p["url"], p["dest"]
+        block = cfg.block_mb << 20
+        digest = _expected_digest(p.get("checksum")) if cfg.verify_checksum else None
+
+        src_fs, src_path = storage.url_to_fs(url)
+        dest_fs, dest_path = storage.url_to_fs(dest)
+        expected = int(p["size"]) if p.get("size") is not None else -1
+        if expected <= 0:  # unknown (URL lists) or not given by the listing (HTTP globs)
+            expected = _remote_size(src_fs, src_path, url)
+
+        issues: list[dict] = []
+        counters = _Counters()
+        local = storage.is_local(dest_fs)
+
+        complete, why = _is_complete(dest_fs, dest_path, expected, digest, block)
+        if complete:
+            if local:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(dest_path + PARTIAL_SUFFIX)  # stale: the file is already complete
+            size = int(dest_fs.size(dest_path))
+            return _result(task.source, dest, size, skipped=1, counters=counters, verified=digest is not None,
+                           issues=issues)
+        if why:
+            log.warning("%s: %s; downloading it again", dest, why)
+            issues.append({"file": p["rel_path"], "line": None, "kind": "bad_destination",
+                           "message": f"{dest}: {why}; downloaded again"})
+
+        if local:
+            size = _download_local(src_fs, src_path, url, dest_path, expected, digest, block, cfg.retries, counters)
+        else:
+            size = _download_remote(src_fs, src_path, url, dest, dest_fs, dest_path, expected, digest, block,
+                                    cfg.retries, counters)
+        return _result(task.source, dest, size, skipped=0, counters=counters, verified=digest is not None,
+                       issues=issues)
+
+
+stage = DownloadStage()

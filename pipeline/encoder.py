@@ -93,8 +93,8 @@ Output dtype. ``Encoder.dtype`` is ``uint16`` when the vocabulary has at most 65
 
 from __future__ import annotations
 
-import logging
 import hashlib
+import logging
 import os
 import re
 from collections import Counter

@@ -26,9 +26,15 @@ import yaml
 from . import storage
 from .formats import FormatError
 from .formats.litpkds import DEFAULT_CHUNK_SIZE, ChunkWriter
-from .formats.manifest import (MANIFEST_NAME, MIXTURE_NAME, Manifest, ManifestError, load_manifest, load_mixture,
-                               shard_prefix)
+from .formats.manifest import (
+    Manifest,
+    ManifestError,
+    load_manifest,
+    load_mixture,
+    shard_prefix,
+)
 from .formats.megatron import MegatronReader
+from .layout import as_run
 
 TINYLLAMA_NAMES = {"slimpajama": "slimpajama", "starcoderdata": "starcoder"}
 EXPORT_INFO = "tinyprep-export.json"
@@ -68,7 +74,7 @@ def export_litgpt(run_url: str, out_url: str, chunk_size: int = DEFAULT_CHUNK_SI
     prefixes = dict(prefixes or {})
     unknown = sorted(set(prefixes) - set(manifest.sources))
     if unknown:
-        raise ExportError(f"--prefix: no source {unknown} in {storage.join(run_url, MANIFEST_NAME)} "
+        raise ExportError(f"--prefix: no source {unknown} in {as_run(run_url).manifest} "
                           f"(sources: {sorted(manifest.sources)})")
     names = {s: prefixes.get(s, default_prefix(s, split)) for s in manifest.sources}
     if len(set(names.values())) != len(names):
@@ -77,7 +83,7 @@ def export_litgpt(run_url: str, out_url: str, chunk_size: int = DEFAULT_CHUNK_SI
     sep = manifest.tokenizer.bos_id if manifest.bos or not manifest.eos else manifest.tokenizer.eos_id
     summary: dict = {"format": "tinyprep-litgpt-export", "version": 1, "chunk_size": chunk_size,
                      "dtype": manifest.dtype, "split": split, "separator": sep,
-                     "manifest_sha256": hashlib.sha256(storage.read_bytes(storage.join(run_url, MANIFEST_NAME))).hexdigest(),
+                     "manifest_sha256": hashlib.sha256(storage.read_bytes(as_run(run_url).manifest)).hexdigest(),
                      "last_chunk": "dropped", "sources": {}}
     for source in sorted(manifest.sources):
         writer = ChunkWriter(out_url, names[source], chunk_size, manifest.dtype, sep)
@@ -139,7 +145,7 @@ class VerifyReport:
 def _recipe_tokenizer(run_url: str) -> str | None:
     """The tokenizer model the run's resolved recipe (RUN/recipe.yaml) names."""
     try:
-        data = yaml.safe_load(storage.read_bytes(storage.join(run_url, "recipe.yaml")))
+        data = yaml.safe_load(storage.read_bytes(as_run(run_url).recipe))
     except (FileNotFoundError, yaml.YAMLError):
         return None
     tok = (data or {}).get("tokenizer") if isinstance(data, dict) else None
@@ -147,7 +153,7 @@ def _recipe_tokenizer(run_url: str) -> str | None:
         return None
     if tok.get("model"):
         return str(tok["model"])
-    return storage.join(run_url, "tokenizer.model") if tok.get("train") else None
+    return as_run(run_url).trained_tokenizer if tok.get("train") else None
 
 
 def verify_run(run_url: str, tokenizer: str | None = None, checksums: bool = True) -> VerifyReport:
@@ -167,7 +173,7 @@ def verify_run(run_url: str, tokenizer: str | None = None, checksums: bool = Tru
         report.docs += shard.docs
         report.tokens += shard.tokens
         report.bytes += shard.bin_bytes
-    if storage.exists(storage.join(run_url, MIXTURE_NAME)):
+    if storage.exists(as_run(run_url).mixture):
         try:
             load_mixture(run_url)
             report.mixture = True
@@ -182,7 +188,7 @@ def _verify_tokenizer(run_url: str, manifest: Manifest, tokenizer: str | None, r
     url = tokenizer or _recipe_tokenizer(run_url)
     if url is None:
         path = manifest.tokenizer.path
-        url = path if "://" in path or path.startswith("/") else storage.join(run_url, path)
+        url = path if "://" in path or path.startswith("/") else as_run(run_url).relative(path)
     report.tokenizer = url
     try:
         digest = hashlib.sha256(storage.read_bytes(url)).hexdigest()

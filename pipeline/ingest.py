@@ -34,9 +34,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from . import storage, tasks
+from . import storage
+from .inputs import list_inputs
+from .layout import RunDir, as_run
 from .recipe import IngestConfig, Recipe, SourceConfig
-from .tasks import Task
+from .stage import Stage, Task, TaskResult, fingerprint
 
 STAGE = "ingest"
 
@@ -119,9 +121,9 @@ def detect_format(rel_path: str) -> str:
     )
 
 
-def output_url(run_url: str, source: str, rel_path: str, split: tuple[int, int] | None = None) -> str:
+def output_url(run: RunDir | str, source: str, rel_path: str, split: tuple[int, int] | None = None) -> str:
     name = rel_path + (f"@rg{split[0]:05d}-{split[1]:05d}" if split else "") + ".parquet"
-    return storage.join(run_url, "docs", source, name)
+    return as_run(run).docs(source, name)
 
 
 def _output_settings(cfg: IngestConfig) -> dict:
@@ -155,37 +157,6 @@ def _parquet_splits(url: str, every: int) -> list[tuple[int, int, int, int, int]
         rows = sum(g[0] for g in part)
         out.append((start, start + len(part), first, rows, sum(g[1] for g in part)))
         first += rows
-    return out
-
-
-def plan(recipe: Recipe, run_url: str) -> list[Task]:
-    """One task per input file; parquet files split by `ingest.split_row_groups` (footer read here)."""
-    out: list[Task] = []
-    settings = _output_settings(recipe.ingest)
-    for src in recipe.sources:
-        src_cfg = src.model_dump(mode="json", by_alias=True)
-        src_cfg.pop("weight", None)
-        for f in tasks.list_inputs(recipe, src, run_url):
-            url = tasks.raw_url(run_url, src.name, f.rel_path) if src.download else f.url
-            fmt = detect_format(f.rel_path) if src.format == "auto" else src.format
-            base = {"url": url, "rel_path": f.rel_path, "format": fmt, "split": None}
-            splits = None
-            if fmt == "parquet" and recipe.ingest.split_row_groups > 0:
-                # the footer of the raw copy, or of the original when it is not downloaded yet
-                splits = _parquet_splits(url, recipe.ingest.split_row_groups)
-                if splits is None and url != f.url:
-                    splits = _parquet_splits(f.url, recipe.ingest.split_row_groups)
-            if not splits:
-                out.append(Task(STAGE, f"{src.name}/{f.rel_path}", src.name,
-                                tasks.fingerprint(STAGE, f.version, fmt, src_cfg, settings, None),
-                                size=max(f.size, 0), payload=base))
-                continue
-            for start, end, first_row, rows, nbytes in splits:
-                split = [start, end]
-                payload = dict(base, split=split, first_row=first_row, rows=rows)
-                out.append(Task(STAGE, f"{src.name}/{f.rel_path}@rg{start:05d}-{end:05d}", src.name,
-                                tasks.fingerprint(STAGE, f.version, fmt, src_cfg, settings, split),
-                                size=nbytes, payload=payload))
     return out
 
 
@@ -1048,28 +1019,61 @@ def _writer(fh, cfg: IngestConfig) -> pq.ParquetWriter:
     )
 
 
-def run_task(task: Task, recipe: Recipe, run_url: str) -> dict:
-    """Ingest one input file (or row-group range): writes its parquet, returns counts and issues."""
-    src = recipe.source(task.source)
-    p = task.payload
-    split = tuple(p["split"]) if p.get("split") else None
-    out = output_url(run_url, src.name, p["rel_path"], split)
-    with storage.atomic_open(out, "wb") as fh:
-        writer = _writer(fh, recipe.ingest)
-        run = _Ingest(task, recipe, src, writer)
-        if p["format"] == "parquet":
-            _read_parquet(run, task, p["url"])
-        else:
-            _read_jsonl(run, p["url"], p["format"])
-        counts = run.result()
-        writer.close()
-    counts["files"] = 1 if not split or split[0] == 0 else 0
-    errors = sum(counts["unreadable"].values()) + counts["files_unreadable"]
-    return {
-        "outputs": [out],
-        "stats": {"sources": {src.name: counts}},
-        "issues": run.issues,
-        "docs": counts["read"],
-        "bytes": counts["bytes_read"],
-        "errors": errors,
-    }
+class IngestStage(Stage):
+    name = STAGE
+
+    def plan(self, recipe: Recipe, run: RunDir, phase: str | None = None) -> list[Task]:
+        """One task per input file; parquet files split by `ingest.split_row_groups` (footer read here)."""
+        out: list[Task] = []
+        settings = _output_settings(recipe.ingest)
+        for src in recipe.sources:
+            src_cfg = src.model_dump(mode="json", by_alias=True)
+            src_cfg.pop("weight", None)
+            for f in list_inputs(src, run):
+                url = run.raw(src.name, f.rel_path) if src.download else f.url
+                fmt = detect_format(f.rel_path) if src.format == "auto" else src.format
+                base = {"url": url, "rel_path": f.rel_path, "format": fmt, "split": None}
+                splits = None
+                if fmt == "parquet" and recipe.ingest.split_row_groups > 0:
+                    # the footer of the raw copy, or of the original when it is not downloaded yet
+                    splits = _parquet_splits(url, recipe.ingest.split_row_groups)
+                    if splits is None and url != f.url:
+                        splits = _parquet_splits(f.url, recipe.ingest.split_row_groups)
+                if not splits:
+                    out.append(Task(STAGE, f"{src.name}/{f.rel_path}", src.name,
+                                    fingerprint(STAGE, f.version, fmt, src_cfg, settings, None),
+                                    size=max(f.size, 0), payload=base))
+                    continue
+                for start, end, first_row, rows, nbytes in splits:
+                    split = [start, end]
+                    payload = dict(base, split=split, first_row=first_row, rows=rows)
+                    out.append(Task(STAGE, f"{src.name}/{f.rel_path}@rg{start:05d}-{end:05d}", src.name,
+                                    fingerprint(STAGE, f.version, fmt, src_cfg, settings, split),
+                                    size=nbytes, payload=payload))
+        return out
+
+    def allowed_errors(self, recipe: Recipe) -> int | None:
+        return recipe.ingest.max_errors
+
+    def run_task(self, task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
+        """Ingest one input file (or row-group range): writes its parquet, returns counts and issues."""
+        src = recipe.source(task.source)
+        p = task.payload
+        split = tuple(p["split"]) if p.get("split") else None
+        out = output_url(run, src.name, p["rel_path"], split)
+        with storage.atomic_open(out, "wb") as fh:
+            writer = _writer(fh, recipe.ingest)
+            ingest = _Ingest(task, recipe, src, writer)
+            if p["format"] == "parquet":
+                _read_parquet(ingest, task, p["url"])
+            else:
+                _read_jsonl(ingest, p["url"], p["format"])
+            counts = ingest.result()
+            writer.close()
+        counts["files"] = 1 if not split or split[0] == 0 else 0
+        errors = sum(counts["unreadable"].values()) + counts["files_unreadable"]
+        return TaskResult(outputs=[out], stats={"sources": {src.name: counts}}, issues=ingest.issues,
+                          docs=counts["read"], bytes=counts["bytes_read"], errors=errors)
+
+
+stage = IngestStage()

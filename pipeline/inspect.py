@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import storage
-from .formats import FormatError
-from .formats import litpkds
-from .formats.manifest import MANIFEST_NAME, Manifest, load_manifest, shard_prefix
+from .formats import FormatError, litpkds
+from .formats.manifest import Manifest, load_manifest, shard_prefix
+from .layout import as_run
 from .stats.summary import read_index
 
 SPLITS = ("train", "validation")
@@ -87,7 +87,7 @@ class _Decoder:
 
 
 def _tokenizer_url(run_url: str, path: str) -> str:
-    return path if "://" in path or posixpath.isabs(path) else storage.join(run_url, path)
+    return path if "://" in path or posixpath.isabs(path) else as_run(run_url).relative(path)
 
 
 def _run_decoder(run_url: str, manifest: Manifest, tokenizer: str | None, pieces: int) -> _Decoder:
@@ -149,7 +149,7 @@ def inspect_run(run_url: str, source: str | None = None, split: str = "train", n
     except FormatError as e:
         raise InspectError(f"{e} (inspect needs a tokenized run, or a FILE.bin)") from None
     if source is not None and source not in manifest.sources:
-        raise InspectError(f"--source {source}: not in {storage.join(run_url, MANIFEST_NAME)} "
+        raise InspectError(f"--source {source}: not in {as_run(run_url).manifest} "
                            f"(sources: {', '.join(manifest.sources)})")
     decoder = _run_decoder(run_url, manifest, tokenizer, pieces)
     out: list[Sample] = []
@@ -180,7 +180,7 @@ def _find_run(file_url: str) -> str | None:
     """The nearest parent directory of a file that holds a manifest.json."""
     d = _parent(file_url)
     while d:
-        if storage.exists(storage.join(d, MANIFEST_NAME)):
+        if storage.exists(as_run(d).manifest):
             return d
         d = _parent(d)
     return None

@@ -28,11 +28,19 @@ import orjson
 
 from . import storage
 from .formats import FormatError
-from .formats.manifest import (MANIFEST_NAME, MIXTURE_NAME, Manifest, Mixture, MixtureSource, manifest_fingerprint,
-                               parse_manifest, parse_mixture, samples_per_epoch, write_mixture)
+from .formats.manifest import (
+    Manifest,
+    Mixture,
+    MixtureSource,
+    manifest_fingerprint,
+    parse_manifest,
+    parse_mixture,
+    samples_per_epoch,
+    write_mixture,
+)
+from .layout import RunDir
 from .recipe import Recipe
-from .runner import StageFailed
-from .tasks import Task, fingerprint
+from .stage import Stage, StageFailed, Task, TaskResult, fingerprint
 
 STAGE = "mix"
 log = logging.getLogger("tinyprep")
@@ -53,8 +61,8 @@ def largest_remainder(weights: list[float], total: int) -> list[int]:
     return base
 
 
-def load_run_manifest(run_url: str) -> tuple[Manifest, bytes]:
-    url = storage.join(run_url, MANIFEST_NAME)
+def load_run_manifest(run: RunDir) -> tuple[Manifest, bytes]:
+    url = run.manifest
     try:
         raw = storage.read_bytes(url)
     except FileNotFoundError:
@@ -65,12 +73,12 @@ def load_run_manifest(run_url: str) -> tuple[Manifest, bytes]:
         raise MixError(f"{url}: {e}" if isinstance(e, orjson.JSONDecodeError) else str(e)) from None
 
 
-def check_tokenizer(recipe: Recipe, run_url: str, manifest: Manifest) -> None:
+def check_tokenizer(recipe: Recipe, run: RunDir, manifest: Manifest) -> None:
     """manifest.json must come from the recipe's tokenizer (same model file bytes)."""
     from .tokenize import tokenizer_url
 
     try:
-        url = tokenizer_url(recipe, run_url)
+        url = tokenizer_url(recipe, run)
     except StageFailed as e:
         raise MixError(str(e)) from None
     try:
@@ -79,7 +87,7 @@ def check_tokenizer(recipe: Recipe, run_url: str, manifest: Manifest) -> None:
         raise MixError(f"tokenizer.model: {url}: no such file (manifest.json was tokenized with "
                        f"{manifest.tokenizer.path}, sha256 {manifest.tokenizer.sha256[:12]})") from None
     if digest != manifest.tokenizer.sha256:
-        raise MixError(f"{storage.join(run_url, MANIFEST_NAME)}: tokenized with {manifest.tokenizer.path} "
+        raise MixError(f"{run.manifest}: tokenized with {manifest.tokenizer.path} "
                        f"(sha256 {manifest.tokenizer.sha256[:12]}), but the recipe's tokenizer {url} has sha256 "
                        f"{digest[:12]}; rerun the tokenize stage")
 
@@ -136,24 +144,29 @@ def plan_mixture(recipe: Recipe, manifest: Manifest, manifest_bytes: bytes) -> M
                    sources=sources, total_samples=total, warnings=warnings)
 
 
-def plan(recipe: Recipe, run_url: str) -> list[Task]:
-    manifest, raw = load_run_manifest(run_url)
-    check_tokenizer(recipe, run_url, manifest)
-    mixture = plan_mixture(recipe, manifest, raw)
-    for w in mixture.warnings:
-        log.warning("mix: %s", w)
-    for s in mixture.sources:
-        log.info("mix: %s: weight %.6f, %s samples (%.4f of the total), %.3f epochs of %s available tokens",
-                 s.name, s.weight, f"{s.samples:,}", s.samples / mixture.total_samples, s.epochs,
-                 f"{s.available_tokens:,}")
-    doc = mixture.to_json()
-    return [Task(STAGE, "mixture", "", fingerprint(STAGE, doc), payload={"mixture": doc})]
+class MixStage(Stage):
+    name = STAGE
+
+    def plan(self, recipe: Recipe, run: RunDir, phase: str | None = None) -> list[Task]:
+        manifest, raw = load_run_manifest(run)
+        check_tokenizer(recipe, run, manifest)
+        mixture = plan_mixture(recipe, manifest, raw)
+        for w in mixture.warnings:
+            log.warning("mix: %s", w)
+        for s in mixture.sources:
+            log.info("mix: %s: weight %.6f, %s samples (%.4f of the total), %.3f epochs of %s available tokens",
+                     s.name, s.weight, f"{s.samples:,}", s.samples / mixture.total_samples, s.epochs,
+                     f"{s.available_tokens:,}")
+        doc = mixture.to_json()
+        return [Task(STAGE, "mixture", "", fingerprint(STAGE, doc), payload={"mixture": doc})]
+
+    def run_task(self, task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
+        mixture = parse_mixture(task.payload["mixture"])
+        write_mixture(run, mixture)
+        stats = {"sources": {s.name: {"samples": s.samples, "tokens": s.tokens, "available_tokens": s.available_tokens}
+                             for s in mixture.sources},
+                 "total_samples": mixture.total_samples, "warnings": len(mixture.warnings)}
+        return TaskResult(outputs=[run.mixture], stats=stats)
 
 
-def run_task(task: Task, recipe: Recipe, run_url: str) -> dict:
-    mixture = parse_mixture(task.payload["mixture"])
-    write_mixture(run_url, mixture)
-    stats = {"sources": {s.name: {"samples": s.samples, "tokens": s.tokens, "available_tokens": s.available_tokens}
-                         for s in mixture.sources},
-             "total_samples": mixture.total_samples, "warnings": len(mixture.warnings)}
-    return {"outputs": [storage.join(run_url, MIXTURE_NAME)], "stats": stats}
+stage = MixStage()

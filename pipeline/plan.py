@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from . import ingest, storage, tasks
+from . import ingest, storage
+from .inputs import expand_source
+from .layout import RunDir
 from .recipe import Recipe, SourceConfig
-from .tasks import Task
+from .stage import Task
 
 PARALLEL_EFFICIENCY = 0.96  # measured, 1 vs 2 workers (tests/benchmarks/README.md)
 DEFAULT_TOKENS_PER_S = 1.43e6  # tinyprep encoder, cold cache, per core (tests/benchmarks/README.md)
@@ -39,7 +41,7 @@ def _list_with_timeout(src: SourceConfig):
 
     def work():
         try:
-            box["files"] = tasks.expand_source(src)
+            box["files"] = expand_source(src)
         except BaseException as e:  # noqa: BLE001 - reported as the reason of the fallback
             box["error"] = e
 
@@ -72,7 +74,7 @@ def _pick(files, limit_bytes: int):
 
 def _sample_ingest(recipe: Recipe, src: SourceConfig, files, limit_bytes: int, tmp: str) -> dict:
     """Ingest the picked files (parquet: the first row group; jsonl: the first limit_bytes) into tmp."""
-    run_url = os.path.join(tmp, "run")
+    run = RunDir(os.path.join(tmp, "run"))
     m = {"input_bytes": 0, "read": 0, "kept": 0, "bytes_kept": 0, "cpu_s": 0.0, "parquet_bytes": 0, "texts": []}
     budget = limit_bytes
     for f in files:
@@ -94,16 +96,16 @@ def _sample_ingest(recipe: Recipe, src: SourceConfig, files, limit_bytes: int, t
             payload["url"], nbytes = part, os.path.getsize(part)
         task = Task(ingest.STAGE, f"{src.name}/{f.rel_path}", src.name, "plan", size=nbytes, payload=payload)
         t0 = time.process_time()
-        res = ingest.run_task(task, recipe, run_url)
+        res = ingest.stage.run_task(task, recipe, run)
         m["cpu_s"] += time.process_time() - t0
-        c = res["stats"]["sources"][src.name]
+        c = res.stats["sources"][src.name]
         if c["read"] == 0 and c["files_unreadable"]:
             raise OSError(f"{f.url}: unreadable")
         m["input_bytes"] += nbytes
         m["read"] += c["read"]
         m["kept"] += c["kept"]
         m["bytes_kept"] += c["bytes_kept"]
-        for out in res["outputs"]:
+        for out in res.outputs:
             m["parquet_bytes"] += os.path.getsize(out)
             m["texts"] += pq.read_table(out, columns=["text"]).column("text").to_pylist()
         budget -= nbytes

@@ -14,10 +14,16 @@ from typing import Any, Literal
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-STAGES = ("download", "ingest", "dedup", "tokenize", "mix")  # the flow order
-FORMATS = ("jsonl", "jsonl.zst", "jsonl.gz", "parquet")
+from .stage import STAGES
 
 
 class RecipeError(Exception):
@@ -253,7 +259,7 @@ class TrainConfig(_Model):
 class Recipe(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
     output: str = Field(description="run directory (any fsspec URL)")
-    stages: list[Literal["download", "ingest", "dedup", "tokenize", "mix"]] = Field(
+    stages: list[Literal[tuple(STAGES)]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(STAGES), description="stages to run, in flow order (default: all)")
     sources: list[SourceConfig] = Field(min_length=1)
     ray: RayConfig = RayConfig()
@@ -270,7 +276,7 @@ class Recipe(_Model):
     def _stage_order(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("lists a stage twice")
-        if v != sorted(v, key=STAGES.index):
+        if v != sorted(v, key=list(STAGES).index):
             raise ValueError(f"stages must follow the flow order {list(STAGES)}")
         return v
 

@@ -1,152 +1,66 @@
-"""Stages become Ray tasks: completion records, resume, retries with backoff, fault injection.
+"""Runs a recipe's stages: completion records, resume, retries with backoff, stats, logs.
 
-This is the only module that imports Ray. A stage module exposes `plan()` and `run_task()` (see
-`pipeline/tasks.py`); the runner
+For each stage (`pipeline/stage.py` holds the contract) and each of its phases, the runner
 
-- starts an embedded local Ray (all CPUs, or `--workers N`) unless `RAY_ADDRESS` / the recipe's
-  `ray.address` names a cluster (or the driver already runs inside `ray job submit`);
 - skips tasks whose completion record `RUN/tasks/<stage>/<task>.json` matches the task's
   fingerprint, so a killed run, rerun, only redoes what had not finished;
-- runs the others one Ray task each (one CPU), retrying exceptions and dead workers with
-  exponential backoff, up to `ray.task_retries` times;
+- hands the others to an executor (`pipeline/executors.py`: Ray, embedded or a cluster, or
+  in-process), retrying exceptions and dead workers with exponential backoff, up to
+  `ray.task_retries` times;
 - merges the tasks' stats (in task-id order: the result does not depend on worker count or
   arrival order) into `RUN/stats/<stage>.json` and writes every reported issue to
   `RUN/stats/<stage>.issues.jsonl`;
 - fails the stage (after finishing every other task) when a task failed for good or when the
-  stage's bad-input count exceeds what the recipe allows.
+  stage's bad-input count exceeds what the stage allows.
 
-Fault injection for tests: `TINYPREP_FAULTS="STAGE:TASK_GLOB:MODE[:TIMES]"`, several rules
-separated by `;`. MODE is `raise` (the task raises), `exit` (the worker process dies with
-`os._exit`), `raise-late` / `exit-late` (the same, after the outputs are committed and before the
-completion record is written), `hang` (the task sleeps until the run is killed), `slow` (the
-task sleeps 2 s, then runs). TIMES is how many first attempts fail (default 1; `*`: all).
+Fault injection for tests: `TINYPREP_FAULTS` (see `pipeline/faults.py`).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import importlib
 import logging
 import os
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
 
 import orjson
 
 from . import storage
+from .faults import inject
+from .layout import RunDir
 from .progress import StageProgress, fmt_duration
 from .recipe import Recipe
+from .stage import STAGES, Stage, StageFailed, Task, TaskResult, get_stage
 from .stats import merge_all
-from .tasks import Task, record_url
 
 log = logging.getLogger("tinyprep")
 
-STAGE_MODULES = {
-    "download": "pipeline.download",
-    "ingest": "pipeline.ingest",
-    "dedup": "pipeline.dedup",
-    "tokenize": "pipeline.tokenize",
-    "mix": "pipeline.mix",
-}
-FAULTS_ENV = "TINYPREP_FAULTS"
-FORWARDED_ENV = (FAULTS_ENV,)
 
-
-class StageFailed(Exception):
-    """A stage ended with failed tasks or too many bad inputs; the message is the summary."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Fault injection (runs inside the worker)
-
-
-_FAULT_MODES = ("raise", "exit", "raise-late", "exit-late", "hang", "slow")
-
-
-def _faults() -> list[tuple[str, str, str, int | None]]:
-    rules = []
-    for rule in filter(None, (r.strip() for r in os.environ.get(FAULTS_ENV, "").split(";"))):
-        parts = rule.split(":")
-        if len(parts) not in (3, 4) or parts[2] not in _FAULT_MODES:
-            raise ValueError(f"{FAULTS_ENV}: bad rule {rule!r}; expected STAGE:TASK_GLOB:MODE[:TIMES]")
-        times = None if len(parts) == 4 and parts[3] == "*" else int(parts[3]) if len(parts) == 4 else 1
-        rules.append((parts[0], parts[1], parts[2], times))
-    return rules
-
-
-def _inject(stage: str, task_id: str, attempt: int, late: bool) -> None:
-    for r_stage, glob, mode, times in _faults():
-        if r_stage != stage or not fnmatch.fnmatchcase(task_id, glob) or mode.endswith("-late") != late:
-            continue
-        if times is not None and attempt >= times:
-            continue
-        if mode == "hang":
-            time.sleep(24 * 3600)
-        if mode == "slow":
-            time.sleep(2.0)
-            continue
-        if mode.startswith("exit"):
-            os._exit(17)
-        raise RuntimeError(f"injected fault ({FAULTS_ENV}) in {stage} task {task_id}, attempt {attempt}")
-
-
-def execute_task(task: Task, recipe: Recipe, run_url: str, attempt: int, node_id: str = "") -> dict:
-    """Run one task and write its completion record. Plain function: Ray wraps it below."""
-    _inject(task.stage, task.id, attempt, late=False)
-    module = importlib.import_module(STAGE_MODULES[task.stage])
+def execute_task(task: Task, recipe: Recipe, run: RunDir, attempt: int, node_id: str = "") -> dict:
+    """Run one task and write its completion record. Plain function: executors call it."""
+    inject(task.stage, task.id, attempt, late=False)
     t0 = time.time()
-    result = module.run_task(task, recipe, run_url)
-    _inject(task.stage, task.id, attempt, late=True)
+    result = get_stage(task.stage).run_task(task, recipe, run)
+    if not isinstance(result, TaskResult):
+        raise TypeError(f"{task.stage}.run_task returned {type(result).__name__}, not TaskResult")
+    inject(task.stage, task.id, attempt, late=True)
     record = {
         "stage": task.stage,
         "task": task.id,
         "source": task.source,
         "fingerprint": task.fingerprint,
-        "outputs": result.get("outputs", []),
-        "stats": result.get("stats", {}),
-        "issues": result.get("issues", []),
-        "docs": int(result.get("docs", 0)),
-        "bytes": int(result.get("bytes", 0)),
-        "errors": int(result.get("errors", 0)),
-        "transfer": result.get("transfer", {}),  # retry-dependent details, kept out of the stats
+        **asdict(result),
         "attempt": attempt,
         "seconds": round(time.time() - t0, 3),
         "node": socket.gethostname(),
         "node_id": node_id,
         "pid": os.getpid(),
     }
-    storage.write_json(record_url(run_url, task.stage, task.id), record)
+    storage.write_json(run.record(task.stage, task.id), record)
     return record
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray
-
-
-def _ray_init(recipe: Recipe, workers: int | None):
-    import ray
-
-    if ray.is_initialized():
-        return ray, False
-    address = recipe.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
-    if address:
-        # On a cluster the workers' environment is not ours: forward what the tasks read.
-        if env:
-            kwargs["runtime_env"] = {"env_vars": env}
-        ray.init(address=address, **kwargs)
-        log.info("connected to Ray cluster at %s (%s CPUs)", address, ray.cluster_resources().get("CPU"))
-    else:
-        cpus = workers or recipe.ray.num_cpus or os.cpu_count() or 1
-        # Ray carries task descriptions and small results only: a small object store starts faster.
-        # address="local": always a new cluster, never one that happens to run on this machine.
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=128 << 20, **kwargs)
-        log.info("started an embedded local Ray with %d CPUs", cpus)
-    return ray, True
 
 
 @dataclass
@@ -161,19 +75,16 @@ class StageReport:
     seconds: float = 0.0
     docs: int = 0
     bytes: int = 0
+    phases: list[str | None] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.failed and (self.allowed_errors is None or self.errors <= self.allowed_errors)
 
 
-def _allowed_errors(recipe: Recipe, stage: str) -> int | None:
-    return recipe.ingest.max_errors if stage == "ingest" else 0
-
-
-def _existing_records(run_url: str, stage: str, tasks: list[Task]) -> dict[str, dict]:
+def _existing_records(run: RunDir, stage: str, tasks: list[Task]) -> dict[str, dict]:
     """Completion records that match their task's fingerprint and whose outputs still exist."""
-    fs, root = storage.url_to_fs(storage.join(run_url, "tasks", stage))
+    fs, root = storage.url_to_fs(run.tasks(stage))
     try:
         present = set(fs.find(root))
     except FileNotFoundError:
@@ -181,7 +92,7 @@ def _existing_records(run_url: str, stage: str, tasks: list[Task]) -> dict[str, 
     local = storage.is_local(fs)
     done: dict[str, dict] = {}
     for t in tasks:
-        url = record_url(run_url, stage, t.id)
+        url = run.record(stage, t.id)
         _, path = storage.url_to_fs(url)
         if path not in present:
             continue
@@ -205,38 +116,28 @@ def _cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[-1] if text else ''}"
 
 
-def _phases(module, recipe: Recipe, run_url: str):
-    """The phases of a stage: one unnamed phase, or what the module's next_phase() yields."""
-    if not hasattr(module, "next_phase"):
-        yield None
-        return
-    phase = None
-    while (phase := module.next_phase(recipe, run_url, phase)) is not None:
-        yield phase
+def run_stage(executor, stage: Stage | str, recipe: Recipe, run: RunDir | str | None = None) -> StageReport:
+    """Plan and run every phase of a stage on `executor`; merge the stats of all its records.
 
-
-def run_stage(ray, stage: str, recipe: Recipe, run_url: str, cluster_cpus: int) -> StageReport:
-    """Plan and run every phase of a stage; merge the stats of all its completion records.
-
-    A stage module may have phases (dedup: signatures, buckets, component rounds, ...): it then
-    defines `next_phase(recipe, run_url, previous) -> str | None`, and `plan(recipe, run_url,
-    phase)` is called once the previous phase has completed (its outputs are its input). Task
-    ids are unique across the stage's phases. `task_cpus(recipe)` gives the CPUs each task gets
-    (default 1) and `finish(recipe, run_url, records)` runs after the last phase succeeded.
+    Each phase is planned once the previous one has completed (its outputs are its input); task
+    ids are unique across the stage's phases. `finish` runs after the last phase succeeded.
     """
-    module = importlib.import_module(STAGE_MODULES[stage])
+    stage = get_stage(stage) if isinstance(stage, str) else stage
+    run = RunDir(recipe.output) if run is None else run if isinstance(run, RunDir) else RunDir(run)
     t0 = time.monotonic()
-    cpus_per_task = int(module.task_cpus(recipe)) if hasattr(module, "task_cpus") else 1
+    cpus_per_task = int(stage.cpus_per_task(recipe))
     records: dict[str, dict] = {}
     failed: list[tuple[str, str]] = []
     n_tasks = n_skipped = 0
-    for phase in _phases(module, recipe, run_url):
-        label = stage if phase is None else f"{stage}:{phase}"
-        tasks: list[Task] = module.plan(recipe, run_url) if phase is None else module.plan(recipe, run_url, phase)
+    phases: list[str | None] = []
+    for phase in stage.phases(recipe, run):
+        phases.append(phase)
+        label = stage.name if phase is None else f"{stage.name}:{phase}"
+        tasks = stage.plan(recipe, run, phase)
         ids = [t.id for t in tasks]
         if len(set(ids)) != len(ids) or set(ids) & set(records):
             raise RuntimeError(f"{label}: plan produced duplicate task ids")
-        done = _existing_records(run_url, stage, tasks)
+        done = _existing_records(run, stage.name, tasks)
         todo = [t for t in tasks if t.id not in done]
         log.info("%s: %d tasks, %d already done, %d to run", label, len(tasks), len(done), len(todo))
         records.update(done)
@@ -245,45 +146,36 @@ def run_stage(ray, stage: str, recipe: Recipe, run_url: str, cluster_cpus: int) 
         progress = StageProgress(label, len(tasks), sum(t.size for t in tasks), len(done), recipe.ray.log_every_s)
         try:
             if todo:
-                _run_tasks(ray, label, todo, recipe, run_url, cluster_cpus, cpus_per_task, records, failed, progress)
+                _run_tasks(executor, stage, label, todo, recipe, run, cpus_per_task, records, failed, progress)
         finally:
             progress.close()
         if failed:
             break
     else:
-        if hasattr(module, "finish"):
-            module.finish(recipe, run_url, [records[i] for i in sorted(records)])
+        stage.finish(recipe, run, [records[i] for i in sorted(records)])
 
     ordered = [records[i] for i in sorted(records)]
     stats = merge_all(r["stats"] for r in ordered)
     errors = sum(r["errors"] for r in ordered)
-    report = StageReport(stage, n_tasks, n_skipped, failed, errors, _allowed_errors(recipe, stage),
+    report = StageReport(stage.name, n_tasks, n_skipped, failed, errors, stage.allowed_errors(recipe),
                          stats, time.monotonic() - t0, sum(r["docs"] for r in ordered),
-                         sum(r["bytes"] for r in ordered))
-    storage.write_json(storage.join(run_url, "stats", f"{stage}.json"), {
-        "stage": stage, "tasks": n_tasks, "tasks_done": len(ordered), "tasks_failed": sorted(failed),
+                         sum(r["bytes"] for r in ordered), phases)
+    storage.write_json(run.stage_stats(stage.name), {
+        "stage": stage.name, "tasks": n_tasks, "tasks_done": len(ordered), "tasks_failed": sorted(failed),
         "errors": errors, "stats": stats,
     })
     issues = [i for r in ordered for i in r.get("issues", [])]
-    storage.write_bytes(storage.join(run_url, "stats", f"{stage}.issues.jsonl"),
+    storage.write_bytes(run.stage_issues(stage.name),
                         b"".join(orjson.dumps(i, option=orjson.OPT_SORT_KEYS) + b"\n" for i in issues))
-    _append_timeline(run_url, report, ordered)
+    _append_timeline(run, report, ordered)
     return report
 
 
-def _execute_on_node(task: Task, recipe: Recipe, run_url: str, attempt: int) -> dict:
-    import ray
-
-    return execute_task(task, recipe, run_url, attempt, ray.get_runtime_context().get_node_id())
-
-
-def _run_tasks(ray, label: str, todo: list[Task], recipe: Recipe, run_url: str, cluster_cpus: int,
+def _run_tasks(executor, stage: Stage, label: str, todo: list[Task], recipe: Recipe, run: RunDir,
                cpus_per_task: int, records: dict[str, dict], failed: list[tuple[str, str]],
                progress: StageProgress) -> None:
-    """Run tasks on Ray, retrying failures with backoff; fill `records` and `failed`."""
-    remote = ray.remote(num_cpus=cpus_per_task, max_retries=0)(_execute_on_node)
-    recipe_ref = ray.put(recipe)
-    max_inflight = max(2 * cluster_cpus // max(cpus_per_task, 1), 2)
+    """Run tasks on the executor, retrying failures with backoff; fill `records` and `failed`."""
+    max_inflight = max(2 * executor.cpus // max(cpus_per_task, 1), 2)
     queue: list[tuple[float, int, Task]] = [(0.0, 0, t) for t in todo]  # (not_before, attempt, task)
     inflight: dict[Any, tuple[int, Task]] = {}
     while queue or inflight:
@@ -293,17 +185,14 @@ def _run_tasks(ray, label: str, todo: list[Task], recipe: Recipe, run_url: str, 
         for i in reversed(take):
             queue.pop(i)
         for _, attempt, task in picked:
-            inflight[remote.remote(task, recipe_ref, run_url, attempt)] = (attempt, task)
+            inflight[executor.submit(stage.name, task, recipe, run, attempt, cpus_per_task)] = (attempt, task)
         if not inflight:
             time.sleep(min(0.2, max(0.0, min(nb for nb, _, _ in queue) - now)))
             continue
-        done_refs, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-        for ref in done_refs:
-            attempt, task = inflight.pop(ref)
-            try:
-                rec = ray.get(ref)
-            except Exception as err:  # task raised, or its worker died
-                why = _cause(err)
+        for handle, outcome in executor.wait(list(inflight), timeout=0.5):
+            attempt, task = inflight.pop(handle)
+            if isinstance(outcome, BaseException):  # the task raised, or its worker died
+                why = _cause(outcome)
                 if attempt < recipe.ray.task_retries:
                     delay = min(recipe.ray.retry_backoff_s * 2**attempt, recipe.ray.retry_backoff_max_s)
                     log.warning("%s task %s failed (attempt %d): %s; retrying in %.1fs",
@@ -314,13 +203,12 @@ def _run_tasks(ray, label: str, todo: list[Task], recipe: Recipe, run_url: str, 
                     failed.append((task.id, why))
                     progress.task_failed()
                 continue
-            records[task.id] = rec
-            progress.task_done(rec["docs"], rec["bytes"], task.size)
+            records[task.id] = outcome
+            progress.task_done(outcome["docs"], outcome["bytes"], task.size)
 
 
-def _append_timeline(run_url: str, report: StageReport, records: list[dict]) -> None:
-    url = storage.join(run_url, "stats", "timeline.json")
-    timeline = storage.read_json(url, default=[]) or []
+def _append_timeline(run: RunDir, report: StageReport, records: list[dict]) -> None:
+    timeline = storage.read_json(run.timeline, default=[]) or []
     timeline.append({
         "stage": report.stage, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": round(report.seconds, 3), "tasks": report.tasks, "skipped": report.skipped,
@@ -328,7 +216,7 @@ def _append_timeline(run_url: str, report: StageReport, records: list[dict]) -> 
         "task_seconds": round(sum(r.get("seconds", 0.0) for r in records), 3),
         "nodes": sorted({r.get("node_id") or r.get("node", "") for r in records}),
     })
-    storage.write_json(url, timeline)
+    storage.write_json(run.timeline, timeline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,17 +226,17 @@ def _append_timeline(run_url: str, report: StageReport, records: list[dict]) -> 
 class _RunLog:
     """Log to RUN/logs/<time>-run.log (local run dirs directly; remote ones uploaded at the end)."""
 
-    def __init__(self, run_url: str):
-        self.run_url = run_url
-        fs, path = storage.url_to_fs(run_url)
+    def __init__(self, run: RunDir):
         name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}-run.log"
-        self.remote = None if storage.is_local(fs) else storage.join(run_url, "logs", name)
+        url = run.log(name)
+        fs, path = storage.url_to_fs(url)
+        self.remote = None if storage.is_local(fs) else url
         if self.remote:
             fd, self.local = tempfile.mkstemp(suffix=".log")
             os.close(fd)
         else:
-            os.makedirs(os.path.join(path, "logs"), exist_ok=True)
-            self.local = os.path.join(path, "logs", name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.local = path
         self.handler = logging.FileHandler(self.local, encoding="utf-8")
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger("tinyprep").addHandler(self.handler)
@@ -362,67 +250,82 @@ class _RunLog:
             os.unlink(self.local)
 
 
-def issue_summary(run_url: str, stage: str, limit: int = 10) -> list[str]:
-    raw = storage.read_bytes(storage.join(run_url, "stats", f"{stage}.issues.jsonl"))
-    issues = [orjson.loads(line) for line in raw.splitlines() if line.strip()]
+def issue_summary(run: RunDir, stage: str, limit: int = 10) -> list[str]:
+    url = run.stage_issues(stage)
+    issues = [orjson.loads(line) for line in storage.read_bytes(url).splitlines() if line.strip()]
     lines = []
     for i in issues[:limit]:
         where = i.get("file", "?") + (f":{i['line']}" if i.get("line") is not None else "")
         lines.append(f"  {where}: {i.get('kind')}: {i.get('message')}")
     if len(issues) > limit:
-        lines.append(f"  ... {len(issues) - limit} more in {storage.join(run_url, 'stats', f'{stage}.issues.jsonl')}")
+        lines.append(f"  ... {len(issues) - limit} more in {url}")
     return lines
 
 
-def _remove_stale_temporaries(run_url: str) -> None:
+def _remove_stale_temporaries(run: RunDir) -> None:
     """Temp files of a killed run (atomic commits that never renamed). One run per directory."""
-    fs, root = storage.url_to_fs(run_url)
+    fs, root = storage.url_to_fs(run.url)
     if not storage.is_local(fs) or not fs.exists(root):
         return
-    stale = [p for p in fs.find(root) if ".tmp-" in p.rsplit("/", 1)[-1]]
+    stale = [p for p in fs.find(root) if storage.is_temporary(p)]
     for p in stale:
         fs.rm(p)
     if stale:
         log.info("removed %d temporary file(s) left by an interrupted run", len(stale))
 
 
-def run_recipe(recipe: Recipe, stages: list[str] | None = None, workers: int | None = None) -> list[StageReport]:
-    """Run the recipe's stages (or the given subset, in flow order); raise StageFailed on failure."""
-    wanted = stages or recipe.stages
-    unknown = [s for s in wanted if s not in STAGE_MODULES]
+def _stage_failure(run: RunDir, report: StageReport) -> str:
+    msg = [f"stage {report.stage} failed:"]
+    for tid, why in report.failed:
+        msg.append(f"  task {tid}: {why}")
+    if report.allowed_errors is not None and report.errors > report.allowed_errors:
+        msg.append(f"  {report.errors} bad input(s), the recipe allows {report.allowed_errors} "
+                   f"(set {report.stage}.max_errors to accept them):")
+        msg += issue_summary(run, report.stage)
+    return "\n".join(msg)
+
+
+def stage_order(wanted: Iterable[str]) -> list[str]:
+    """The wanted stages in flow order; StageFailed naming any unknown one."""
+    wanted = list(wanted)
+    unknown = [s for s in wanted if s not in STAGES]
     if unknown:
-        raise StageFailed(f"unknown stage(s) {unknown}; available: {list(STAGE_MODULES)}")
-    order = [s for s in STAGE_MODULES if s in wanted]
-    run_url = recipe.output
-    storage.write_bytes(storage.join(run_url, "recipe.yaml"), recipe.to_yaml().encode())
-    _remove_stale_temporaries(run_url)
-    runlog = _RunLog(run_url)
+        raise StageFailed(f"unknown stage(s) {unknown}; available: {list(STAGES)}")
+    return [s for s in STAGES if s in wanted]
+
+
+def run_recipe(recipe: Recipe, stages: list[str] | None = None, workers: int | None = None,
+               executor=None) -> list[StageReport]:
+    """Run the recipe's stages (or the given subset, in flow order); raise StageFailed on failure.
+
+    The executor defaults to Ray (embedded, or the cluster of `RAY_ADDRESS` / `ray.address`).
+    """
+    order = stage_order(stages or recipe.stages)
+    run = RunDir(recipe.output)
+    storage.write_bytes(run.recipe, recipe.to_yaml().encode())
+    _remove_stale_temporaries(run)
+    runlog = _RunLog(run)
     reports: list[StageReport] = []
     try:
-        log.info("run %s: stages %s, output %s", recipe.name, ",".join(order), run_url)
-        ray, owned = _ray_init(recipe, workers)
+        log.info("run %s: stages %s, output %s", recipe.name, ",".join(order), run.url)
+        owned = executor is None
+        if owned:
+            from .executors import RayExecutor
+
+            executor = RayExecutor(recipe, workers)
         try:
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            for stage in order:
-                report = run_stage(ray, stage, recipe, run_url, cpus)
+            for name in order:
+                report = run_stage(executor, name, recipe, run)
                 reports.append(report)
                 if not report.ok:
-                    msg = [f"stage {stage} failed:"]
-                    for tid, why in report.failed:
-                        msg.append(f"  task {tid}: {why}")
-                    if report.allowed_errors is not None and report.errors > report.allowed_errors:
-                        msg.append(f"  {report.errors} bad input(s), the recipe allows {report.allowed_errors} "
-                                   f"(set {stage}.max_errors to accept them):")
-                        msg += issue_summary(run_url, stage)
-                    raise StageFailed("\n".join(msg))
+                    raise StageFailed(_stage_failure(run, report))
                 if report.errors:
-                    log.warning("%s: %d bad input(s) accepted (max_errors=%s):\n%s", stage, report.errors,
-                                report.allowed_errors, "\n".join(issue_summary(run_url, stage)))
-                log.info("%s done in %s", stage, fmt_duration(report.seconds))
+                    log.warning("%s: %d bad input(s) accepted (max_errors=%s):\n%s", name, report.errors,
+                                report.allowed_errors, "\n".join(issue_summary(run, name)))
+                log.info("%s done in %s", name, fmt_duration(report.seconds))
         finally:
             if owned:
-                ray.shutdown()
+                executor.close()
     finally:
         runlog.close()
     return reports
-

@@ -60,12 +60,13 @@ import platform
 import random
 import re
 import shutil
-import string
 import sysconfig
 import tempfile
 import unicodedata
 import zlib
 from pathlib import Path
+
+from .text import slimpajama_normalize
 
 __all__ = [
     "SAMPLE_VERSION",
@@ -74,7 +75,6 @@ __all__ = [
     "STARCODER_COLUMNS",
     "STARCODER_LANGUAGES",
     "generate_sample",
-    "slimpajama_normalize",
     "shingles",
     "jaccard",
     "starcoder_schema",
@@ -118,7 +118,6 @@ _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 _MANAGED = ("slimpajama", "starcoderdata", "planted.json")
 
-_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 _WS_RE = re.compile(r"\s+")
 _WORD_RE = re.compile(r"[A-Za-z]{3,12}")
 
@@ -132,12 +131,6 @@ _OWNERS = ("python", "pydev-mirror", "stdlib-archive", "openpy", "codeberg-py", 
 
 
 # --------------------------------------------------------------------------- text helpers
-def slimpajama_normalize(text: str) -> str:
-    """SlimPajama's normalization: lowercase, drop ASCII punctuation, collapse whitespace, strip."""
-    text = text.lower().translate(_PUNCT_TABLE)
-    return _WS_RE.sub(" ", text).strip()
-
-
 def shingles(text: str, n: int = 13, *, normalize: bool = True) -> set[str]:
     """Set of ``n``-character shingles of ``text`` (normalized with :func:`slimpajama_normalize`
     first unless ``normalize=False``; normalizing twice is harmless). A non-empty text
@@ -423,7 +416,6 @@ def _build(root_out: Path) -> dict:
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = _stdlib_files(stdlib)
-    rng = random.Random(SEED)
 
     # ---- prose
     pool = _collect_docstrings(stdlib, files)

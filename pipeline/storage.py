@@ -1,6 +1,6 @@
 """Every path goes through fsspec: URLs, globs, atomic commits, checksums.
 
-Local files are committed by writing `<name>.tmp-<random>` and renaming it over the final name,
+Local files are committed by writing `<name>.tmp-<random>` (`temp_name`) and renaming it over the final name,
 so a killed task never leaves a half-written output under its final name. On object stores a
 single PUT is already atomic, so the final key is written directly.
 """
@@ -21,6 +21,30 @@ import orjson
 from fsspec.core import url_to_fs as _url_to_fs
 
 _GLOB_CHARS = "*?["
+_TEMP_MARK = ".tmp-"  # <name>.tmp-<random>: an atomic commit in progress (or a killed one)
+
+
+def temp_name(path: str) -> str:
+    """The temporary name an atomic commit writes before renaming over `path`."""
+    return f"{path}{_TEMP_MARK}{uuid.uuid4().hex[:12]}"
+
+
+def is_temporary(name: str) -> bool:
+    """True for a file name written by an atomic commit that has not (yet) been renamed."""
+    return _TEMP_MARK in name.rsplit("/", 1)[-1]
+
+
+def _modified(info: dict):
+    """What a listing says about when a file was written (local mtime, object-store date or ETag)."""
+    for key in ("mtime", "LastModified", "last_modified", "ETag", "etag", "created"):
+        if info.get(key):
+            return info[key]
+    return None
+
+
+def file_stamp(info: dict) -> str:
+    """"<size>:<modified>" from an fsspec info: changes whenever the file is rewritten."""
+    return f"{info.get('size')}:{_modified(info)}"
 
 
 def url_to_fs(url: str):
@@ -69,7 +93,7 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
     fs, path = url_to_fs(url)
     if is_local(fs):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        tmp = temp_name(path)
         try:
             with open(tmp, mode) as fh:
                 yield fh
@@ -161,8 +185,7 @@ def _checksum(info: dict) -> str | None:
 def _version(info: dict, checksum: str | None) -> str:
     if checksum:
         return checksum
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
-    return f"size:{info.get('size')}:mtime:{mtime}"
+    return f"size:{info.get('size')}:mtime:{_modified(info)}"
 
 
 def glob_root(pattern: str) -> str:

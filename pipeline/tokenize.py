@@ -38,7 +38,7 @@ import hashlib
 import io
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from itertools import chain
 from typing import Iterator
 
@@ -53,20 +53,15 @@ from .encoder import Encoder, with_bos_eos
 from .formats import FormatError
 from .formats.manifest import ShardEntry, TokenizerInfo, make_manifest, write_manifest
 from .formats.megatron import MegatronWriter, check_vocab_fits, dtype_for_vocab
+from .layout import RUN_TOKENIZER, DocsFile, RunDir, as_run
 from .recipe import Recipe, TokenizerTrainConfig
-from .runner import StageFailed
-from .tasks import Task, fingerprint
+from .stage import Stage, StageFailed, Task, TaskResult, fingerprint
 
 STAGE = "tokenize"
-WORK_DIR = "tokenize"
-HOLDOUT_DIR = "tokenize/holdout"
-PARTS_DIR = "tokenize/parts"
-HOLDOUT_INDEX = "tokenize/holdout.sha256"
-GROUPS = "tokenize/groups.json"
-RUN_TOKENIZER = "tokenizer.model"  # where a tokenizer trained by the stage goes (relative to RUN)
+HOLDOUT_INDEX = "holdout.sha256"  # under RUN/tokenize/
+GROUPS = "groups.json"
 GROUP_FILL = 0.9  # groups aim at 90% of shard_mb of estimated tokens: most become one shard, few a tail
 ESTIMATE_SAMPLE_BYTES = 1 << 18  # text per source encoded to estimate its bytes per token
-_PHASES = {None: "holdout", "tokenizer": "holdout", "holdout": "group", "group": "encode", "encode": None}
 _MASK64 = (1 << 64) - 1
 
 HOLDOUT_SCHEMA = pa.schema([
@@ -105,7 +100,7 @@ def holdout_mask(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return _mix64(ids ^ salt) < threshold
 
 
-def removed_ids(run_url: str, source: str, rel_path: str) -> np.ndarray:
+def removed_ids(run: RunDir | str, source: str, rel_path: str) -> np.ndarray:
     """Ids (sorted uint64) of the documents of `RUN/docs/<source>/<rel_path>` that dedup removed.
 
     The one place where the tokenize stage learns about deduplication: the holdout and encode
@@ -113,37 +108,34 @@ def removed_ids(run_url: str, source: str, rel_path: str) -> np.ndarray:
     `removed.dedup`. Without `RUN/dedup/` it is empty; with it, the dedup stage's removal list
     of the file (`pipeline.dedup.removed_ids`) must exist (`_removal_versions` checks at plan time).
     """
-    if not storage.exists(storage.join(run_url, "dedup")):
+    run = as_run(run)
+    if not storage.exists(run.dedup()):
         return np.zeros(0, dtype=np.uint64)
     from .dedup import removed_ids as dedup_removed_ids
 
     try:
-        return np.sort(np.asarray(dedup_removed_ids(run_url, source, rel_path), dtype=np.uint64))
+        return np.sort(np.asarray(dedup_removed_ids(run, source, rel_path), dtype=np.uint64))
     except FileNotFoundError:
-        raise TokenizeError(f"{storage.join(run_url, 'dedup')}: no removal list for docs/{source}/{rel_path}; "
+        raise TokenizeError(f"{run.dedup()}: no removal list for docs/{source}/{rel_path}; "
                             f"finish the dedup stage (or remove RUN/dedup to tokenize without it)") from None
 
 
-def _removal_versions(run_url: str, files: dict[str, list["DocsFile"]]) -> dict[str, str]:
+def _removal_versions(run: RunDir, files: dict[str, list["DocsFile"]]) -> dict[str, str]:
     """Version (size, mtime) of each docs file's dedup removal list, '' without RUN/dedup/.
 
     Part of the holdout tasks' fingerprints: new removal lists redo everything after them."""
     keys = [f"{f.source}/{f.rel}" for fs in files.values() for f in fs]
-    if not storage.exists(storage.join(run_url, "dedup")):
+    if not storage.exists(run.dedup()):
         return {k: "" for k in keys}
-    root_url = storage.join(run_url, "dedup", "removed")
-    fs, root = storage.url_to_fs(root_url)
-    try:
-        found = {posixpath.relpath(p, root): i for p, i in fs.find(root, detail=True).items()}
-    except FileNotFoundError:
-        found = {}
+    root_url = run.dedup("removed")
+    found = dict(run.find(root_url))
     out = {}
     for k in keys:
         info = found.get(k if k.endswith(".parquet") else k + ".parquet")
         if info is None:
             raise TokenizeError(f"{root_url}: no removal list for docs/{k}; finish the dedup stage "
-                                f"(or remove {storage.join(run_url, 'dedup')} to tokenize without it)")
-        out[k] = f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
+                                f"(or remove {run.dedup()} to tokenize without it)")
+        out[k] = storage.file_stamp(info)
     return out
 
 
@@ -163,37 +155,10 @@ def _member(sorted_index: np.ndarray, digests: np.ndarray) -> np.ndarray:
 # Docs files
 
 
-@dataclass(frozen=True)
-class DocsFile:
-    source: str
-    rel: str  # relative to RUN/docs/<source>/
-    url: str
-    version: str
-
-
-def docs_files(run_url: str, source: str) -> list[DocsFile]:
-    """The source's ingested docs files (RUN/docs/<source>/**.parquet), sorted by path."""
-    root_url = storage.join(run_url, "docs", source)
-    fs, root = storage.url_to_fs(root_url)
-    try:
-        found = fs.find(root, detail=True)
-    except FileNotFoundError:
-        return []
-    out = []
-    for path, info in found.items():
-        name = path.rsplit("/", 1)[-1]
-        if not name.endswith(".parquet") or ".tmp-" in name:
-            continue
-        rel = posixpath.relpath(path, root)
-        stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("etag")
-        out.append(DocsFile(source, rel, storage.join(root_url, rel), f"{info.get('size')}:{stamp}"))
-    return sorted(out, key=lambda f: f.rel)
-
-
-def _all_docs_files(recipe: Recipe, run_url: str) -> dict[str, list[DocsFile]]:
-    files = {s.name: docs_files(run_url, s.name) for s in recipe.sources}
+def _all_docs_files(recipe: Recipe, run: RunDir) -> dict[str, list[DocsFile]]:
+    files = {s.name: run.docs_files(s.name) for s in recipe.sources}
     if not any(files.values()):
-        raise TokenizeError(f"{storage.join(run_url, 'docs')}: no ingested documents; run the ingest stage first")
+        raise TokenizeError(f"{run.docs_root()}: no ingested documents; run the ingest stage first")
     return files
 
 
@@ -213,10 +178,10 @@ def _iter_batches(url: str, columns: list[str], batch_rows: int) -> Iterator[pa.
 # The tokenizer
 
 
-def tokenizer_url(recipe: Recipe, run_url: str) -> str:
+def tokenizer_url(recipe: Recipe, run: RunDir) -> str:
     if recipe.tokenizer is None:
         raise TokenizeError("tokenizer: the tokenize stage needs tokenizer.model (or tokenizer.train)")
-    return recipe.tokenizer.model or storage.join(run_url, RUN_TOKENIZER)
+    return recipe.tokenizer.model or run.trained_tokenizer
 
 
 def tokenizer_manifest_path(recipe: Recipe) -> str:
@@ -235,9 +200,9 @@ def load_processor(model: bytes):
     return sp
 
 
-def tokenizer_info(recipe: Recipe, run_url: str) -> tuple[TokenizerInfo, np.dtype]:
+def tokenizer_info(recipe: Recipe, run: RunDir) -> tuple[TokenizerInfo, np.dtype]:
     """Hash, vocabulary, special ids and token dtype of the recipe's tokenizer (clear errors)."""
-    url = tokenizer_url(recipe, run_url)
+    url = tokenizer_url(recipe, run)
     try:
         model = storage.read_bytes(url)
     except FileNotFoundError:
@@ -262,14 +227,14 @@ def tokenizer_info(recipe: Recipe, run_url: str) -> tuple[TokenizerInfo, np.dtyp
     return info, dtype
 
 
-def _needs_training(recipe: Recipe, run_url: str) -> bool:
+def _needs_training(recipe: Recipe, run: RunDir) -> bool:
     tok = recipe.tokenizer
     if tok is None or tok.train is None:
         return False
-    if not storage.exists(tokenizer_url(recipe, run_url)):
+    if not storage.exists(tokenizer_url(recipe, run)):
         return True
     # trained by this stage before: keep it current with the documents (skipped when unchanged)
-    return storage.exists(storage.join(run_url, "tasks", STAGE, "tokenizer.json"))
+    return storage.exists(run.record(STAGE, "tokenizer"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,13 +307,13 @@ def training_inputs(inputs: list[str]) -> list[str]:
     """Expand run directories (-> their docs parquet) and globs into a sorted file list."""
     out: list[str] = []
     for inp in inputs:
-        docs = storage.join(inp, "docs")
-        fs, path = storage.url_to_fs(docs)
+        run = RunDir(inp)
+        fs, path = storage.url_to_fs(run.docs_root())
         if fs.isdir(path):
-            found = sorted(p for p in fs.find(path) if p.endswith(".parquet") and ".tmp-" not in p.rsplit("/", 1)[-1])
+            found = run.all_docs_files()
             if not found:
-                raise FormatError(f"{docs}: no docs parquet files (run the ingest stage first)")
-            out += [storage.join(docs, posixpath.relpath(p, path)) for p in found]
+                raise FormatError(f"{run.docs_root()}: no docs parquet files (run the ingest stage first)")
+            out += [f.url for f in found]
             continue
         try:
             out += [f.url for f in storage.expand_urls([inp])]
@@ -432,28 +397,18 @@ def _train_config_inputs(cfg: TokenizerTrainConfig) -> dict:
 # Phases and plans
 
 
-def next_phase(recipe: Recipe, run_url: str, previous: str | None) -> str | None:
-    if previous is None and _needs_training(recipe, run_url):
-        return "tokenizer"
-    return _PHASES[previous]
-
-
-def task_cpus(recipe: Recipe) -> int:
-    return recipe.tokenize.cpus_per_task
-
-
 def _holdout_settings(recipe: Recipe) -> dict:
     c = recipe.tokenize
     return {"fraction": c.holdout_fraction, "seed": c.holdout_seed}
 
 
-def _holdout_url(run_url: str, f: DocsFile) -> str:
-    return storage.join(run_url, HOLDOUT_DIR, f.source, f.rel)
+def _holdout_url(run: RunDir, f: DocsFile) -> str:
+    return run.tokenize("holdout", f.source, f.rel)
 
 
-def _holdout_fingerprints(recipe: Recipe, run_url: str, files: dict[str, list[DocsFile]]) -> dict[str, str]:
+def _holdout_fingerprints(recipe: Recipe, run: RunDir, files: dict[str, list[DocsFile]]) -> dict[str, str]:
     settings = _holdout_settings(recipe)
-    removals = _removal_versions(run_url, files)
+    removals = _removal_versions(run, files)
     return {f"holdout/{f.source}/{f.rel}": fingerprint(STAGE, "holdout", f.version, settings,
                                                        removals[f"{f.source}/{f.rel}"])
             for fs in files.values() for f in fs}
@@ -464,43 +419,17 @@ def _group_fingerprint(recipe: Recipe, holdout_fps: dict[str, str], itemsize: in
                        recipe.tokenize.dedup_holdout, tokenizer)
 
 
-def plan(recipe: Recipe, run_url: str, phase: str) -> list[Task]:
-    files = _all_docs_files(recipe, run_url)
-    if phase == "tokenizer":
-        cfg = recipe.tokenizer.train
-        versions = [(f.source, f.rel, f.version) for fs in files.values() for f in fs]
-        url = tokenizer_url(recipe, run_url)
-        return [Task(STAGE, "tokenizer", "", fingerprint(STAGE, "tokenizer", versions, _train_config_inputs(cfg), url),
-                     payload={"out": url, "train": _train_config_inputs(cfg),
-                              "inputs": [f.url for fs in files.values() for f in fs]})]
-    info, dtype = tokenizer_info(recipe, run_url)  # a missing or unusable tokenizer fails before any work
-    fps = _holdout_fingerprints(recipe, run_url, files)
-    if phase == "holdout":
-        return [Task(STAGE, f"holdout/{f.source}/{f.rel}", f.source, fps[f"holdout/{f.source}/{f.rel}"],
-                     size=_size_of(f.version),
-                     payload={"docs": f.url, "rel": f.rel, "out": _holdout_url(run_url, f)})
-                for fs in files.values() for f in fs]
-    if phase == "group":
-        inputs = [{"source": f.source, "rel": f.rel, "url": f.url, "holdout": _holdout_url(run_url, f)}
-                  for fs in files.values() for f in fs]
-        return [Task(STAGE, "group", "", _group_fingerprint(recipe, fps, dtype.itemsize, info.sha256),
-                     payload={"inputs": inputs, "itemsize": dtype.itemsize, "tokenizer_sha256": info.sha256})]
-    if phase == "encode":
-        return _encode_tasks(recipe, run_url, files, fps, info, dtype)
-    raise ValueError(f"unknown tokenize phase {phase!r}")
-
-
 def _size_of(version: str) -> int:
     head = version.split(":", 1)[0]
     return int(head) if head.isdigit() else 0
 
 
-def _encode_tasks(recipe: Recipe, run_url: str, files: dict[str, list[DocsFile]], holdout_fps: dict[str, str],
+def _encode_tasks(recipe: Recipe, run: RunDir, files: dict[str, list[DocsFile]], holdout_fps: dict[str, str],
                   info: TokenizerInfo, dtype: np.dtype) -> list[Task]:
-    groups = storage.read_json(storage.join(run_url, GROUPS))
+    groups = storage.read_json(run.tokenize(GROUPS))
     group_fp = _group_fingerprint(recipe, holdout_fps, dtype.itemsize, info.sha256)
     if not groups or groups.get("fingerprint") != group_fp:
-        raise TokenizeError(f"{storage.join(run_url, GROUPS)}: missing or stale (the group phase did not run)")
+        raise TokenizeError(f"{run.tokenize(GROUPS)}: missing or stale (the group phase did not run)")
     cfg = recipe.tokenize
     by_rel = {(f.source, f.rel): f for fs in files.values() for f in fs}
     settings = {"bos": cfg.bos, "eos": cfg.eos, "dtype": dtype.name, "shard_mb": cfg.shard_mb,
@@ -515,8 +444,8 @@ def _encode_tasks(recipe: Recipe, run_url: str, files: dict[str, list[DocsFile]]
                                  settings, group_fp if split == "train" else None)
                 out.append(Task(STAGE, task_id, source, fp, size=sum(b for _, b in group), payload={
                     "split": split, "group": g, "dtype": dtype.name, "tokenizer_sha256": info.sha256,
-                    "files": [{"rel": f.rel, "url": f.url, "holdout": _holdout_url(run_url, f)} for f in members],
-                    "parts": storage.join(run_url, PARTS_DIR, split, source, f"{g:06d}.json"),
+                    "files": [{"rel": f.rel, "url": f.url, "holdout": _holdout_url(run, f)} for f in members],
+                    "parts": run.tokenize("parts", split, source, f"{g:06d}.json"),
                 }))
     return out
 
@@ -525,25 +454,12 @@ def _encode_tasks(recipe: Recipe, run_url: str, files: dict[str, list[DocsFile]]
 # Tasks
 
 
-def run_task(task: Task, recipe: Recipe, run_url: str) -> dict:
-    if task.id == "tokenizer":
-        p = task.payload
-        info = train_tokenizer(p["inputs"], p["out"], **{k: v for k, v in p["train"].items()})
-        return {"outputs": [p["out"]], "stats": {"tokenizer": {"trained_documents": info["documents"],
-                                                                "trained_sentences": info["sentences"]}}}
-    if task.id.startswith("holdout/"):
-        return _run_holdout(task, recipe, run_url)
-    if task.id == "group":
-        return _run_group(task, recipe, run_url)
-    return _run_encode(task, recipe, run_url)
-
-
-def _run_holdout(task: Task, recipe: Recipe, run_url: str) -> dict:
+def _run_holdout(task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
     p = task.payload
     table = _read_table(p["docs"], ["id", "text"])
     read = table.num_rows
     ids = table.column("id").to_numpy()
-    removed = removed_ids(run_url, task.source, p["rel"])
+    removed = removed_ids(run, task.source, p["rel"])
     alive = ~np.isin(ids, removed) if len(removed) else np.ones(read, dtype=bool)
     held = alive & holdout_mask(ids, recipe.tokenize.holdout_fraction, recipe.tokenize.holdout_seed)
     train = alive & ~held
@@ -560,13 +476,13 @@ def _run_holdout(task: Task, recipe: Recipe, run_url: str) -> dict:
     with storage.atomic_open(p["out"]) as fh:
         pq.write_table(out, fh, compression="zstd")
     stats = {"sources": {task.source: {"read": read, "removed": {"dedup": int(read - alive.sum())}}}}
-    return {"outputs": [p["out"]], "stats": stats, "docs": read, "bytes": int(text_bytes.sum())}
+    return TaskResult(outputs=[p["out"]], stats=stats, docs=read, bytes=int(text_bytes.sum()))
 
 
-def _load_checked(recipe: Recipe, run_url: str, sha256: str):
-    model = storage.read_bytes(tokenizer_url(recipe, run_url))
+def _load_checked(recipe: Recipe, run: RunDir, sha256: str):
+    model = storage.read_bytes(tokenizer_url(recipe, run))
     if hashlib.sha256(model).hexdigest() != sha256:
-        raise TokenizeError(f"{tokenizer_url(recipe, run_url)}: the tokenizer changed while the stage ran")
+        raise TokenizeError(f"{tokenizer_url(recipe, run)}: the tokenizer changed while the stage ran")
     return load_processor(model)
 
 
@@ -606,7 +522,7 @@ def _cut_groups(items: list[tuple[str, int]], target: float) -> list[list[tuple[
     return groups
 
 
-def _run_group(task: Task, recipe: Recipe, run_url: str) -> dict:
+def _run_group(task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
     inputs = task.payload["inputs"]
 
     def read(inp: dict) -> tuple[np.ndarray, int, int]:
@@ -620,7 +536,7 @@ def _run_group(task: Task, recipe: Recipe, run_url: str) -> dict:
     with ThreadPoolExecutor(16) as pool:  # many small reads: overlap their latency
         results = list(pool.map(read, inputs))
     digests = np.unique(np.concatenate([r[0] for r in results])) if results else np.zeros(0, "S32")
-    sp = _load_checked(recipe, run_url, task.payload["tokenizer_sha256"])
+    sp = _load_checked(recipe, run, task.payload["tokenizer_sha256"])
     target_tokens = GROUP_FILL * recipe.tokenize.shard_mb * (1 << 20) / task.payload["itemsize"]
     first_files: dict[str, list[str]] = {}
     for inp in inputs:
@@ -638,19 +554,19 @@ def _run_group(task: Task, recipe: Recipe, run_url: str) -> dict:
         "train": {s: _cut_groups(items, target_tokens * per_token[s]) for s, items in sorted(train.items())},
         "validation": {s: _cut_groups(items, target_tokens * per_token[s]) for s, items in sorted(validation.items())},
     }
-    index_url = storage.join(run_url, HOLDOUT_INDEX)
+    index_url = run.tokenize(HOLDOUT_INDEX)
     storage.write_bytes(index_url, digests.tobytes())
-    groups_url = storage.join(run_url, GROUPS)
+    groups_url = run.tokenize(GROUPS)
     storage.write_json(groups_url, groups)
-    return {"outputs": [index_url, groups_url], "stats": {"holdout_texts": int(len(digests))}}
+    return TaskResult(outputs=[index_url, groups_url], stats={"holdout_texts": int(len(digests))})
 
 
 class _ShardSink:
     """Documents in, shards of about target_bytes out: a part closes at the first document
     boundary at or past the target, so the cut depends on the documents only."""
 
-    def __init__(self, run_url: str, source: str, split: str, group: int, dtype: np.dtype, target_bytes: float):
-        self.run_url, self.source, self.split, self.group = run_url, source, split, group
+    def __init__(self, run: RunDir, source: str, split: str, group: int, dtype: np.dtype, target_bytes: float):
+        self.run, self.source, self.split, self.group = run, source, split, group
         self.dtype = dtype
         self.target = max(int(target_bytes), 1)
         self.entries: list[dict] = []
@@ -661,7 +577,7 @@ class _ShardSink:
         if part > 9999:
             raise TokenizeError(f"{self.source}/{self.split} group {self.group}: more than 10,000 shards; "
                                 f"raise tokenize.shard_mb")
-        return f"shards/{self.source}/{self.split}/{self.group:06d}-{part:04d}"
+        return RunDir.shard_path(self.source, self.split, self.group, part)
 
     def add(self, flat: np.ndarray, lengths: np.ndarray) -> None:
         item = self.dtype.itemsize
@@ -669,7 +585,7 @@ class _ShardSink:
         while start_doc < len(lengths):
             if self.writer is None:
                 self.path = self._path()
-                self.writer = MegatronWriter(storage.join(self.run_url, self.path), self.dtype)
+                self.writer = MegatronWriter(self.run.relative(self.path), self.dtype)
             room = self.target - self.writer.bin_bytes  # bytes until this part is full
             ends = np.cumsum(lengths[start_doc:]) * item
             cut = int(np.searchsorted(ends, room, side="left"))  # first doc whose end reaches the target
@@ -737,25 +653,26 @@ def _encoder(recipe: Recipe, sp, sha256: str) -> Encoder | None:
     return enc if enc.fast else None
 
 
-def _load_index(run_url: str) -> np.ndarray:
-    raw = storage.read_bytes(storage.join(run_url, HOLDOUT_INDEX))
+def _load_index(run: RunDir) -> np.ndarray:
+    url = run.tokenize(HOLDOUT_INDEX)
+    raw = storage.read_bytes(url)
     if len(raw) % 32:
-        raise FormatError(f"{storage.join(run_url, HOLDOUT_INDEX)}: size {len(raw)} is not a multiple of 32")
+        raise FormatError(f"{url}: size {len(raw)} is not a multiple of 32")
     return np.frombuffer(raw, dtype="S32")
 
 
-def _run_encode(task: Task, recipe: Recipe, run_url: str) -> dict:
+def _run_encode(task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
     p = task.payload
     cfg = recipe.tokenize
     split = p["split"]
     dtype = np.dtype(p["dtype"])
-    sp = _load_checked(recipe, run_url, p["tokenizer_sha256"])
+    sp = _load_checked(recipe, run, p["tokenizer_sha256"])
     encoder = _encoder(recipe, sp, p["tokenizer_sha256"])
-    index = _load_index(run_url) if split == "train" and cfg.dedup_holdout else np.zeros(0, "S32")
-    sink = _ShardSink(run_url, task.source, split, p["group"], dtype, cfg.shard_mb * (1 << 20))
+    index = _load_index(run) if split == "train" and cfg.dedup_holdout else np.zeros(0, "S32")
+    sink = _ShardSink(run, task.source, split, p["group"], dtype, cfg.shard_mb * (1 << 20))
     docs = tokens = dup = 0
     try:
-        for texts in _group_texts(p["files"], split, task.source, recipe, run_url):
+        for texts in _group_texts(p["files"], split, task.source, recipe, run):
             if len(index):
                 hit = _member(index, _sha256_texts(texts))
                 if hit.any():
@@ -775,12 +692,12 @@ def _run_encode(task: Task, recipe: Recipe, run_url: str) -> dict:
     node: dict = {split: {"docs": docs, "tokens": tokens}}
     if split == "train":
         node["removed"] = {"duplicate_holdout": dup}
-    outputs = [storage.join(run_url, e["path"]) + ext for e in entries for ext in (".bin", ".idx")]
-    return {"outputs": outputs + [p["parts"]], "stats": {"sources": {task.source: node}},
-            "docs": docs, "bytes": task.size}
+    outputs = [run.relative(e["path"]) + ext for e in entries for ext in (".bin", ".idx")]
+    return TaskResult(outputs=outputs + [p["parts"]], stats={"sources": {task.source: node}}, docs=docs,
+                      bytes=task.size)
 
 
-def _group_texts(files: list[dict], split: str, source: str, recipe: Recipe, run_url: str) -> Iterator[list[str]]:
+def _group_texts(files: list[dict], split: str, source: str, recipe: Recipe, run: RunDir) -> Iterator[list[str]]:
     """Batches of the texts of a group's documents of one split, in file and row order."""
     cfg = recipe.tokenize
     for f in files:
@@ -788,7 +705,7 @@ def _group_texts(files: list[dict], split: str, source: str, recipe: Recipe, run
             for b in _iter_batches(f["holdout"], ["text"], cfg.batch_docs):
                 yield b.column(0).to_pylist()
             continue
-        removed = removed_ids(run_url, source, f["rel"])
+        removed = removed_ids(run, source, f["rel"])
         for b in _iter_batches(f["url"], ["id", "text"], cfg.batch_docs):
             ids = b.column(0).to_numpy()
             keep = ~holdout_mask(ids, cfg.holdout_fraction, cfg.holdout_seed)
@@ -802,26 +719,10 @@ def _group_texts(files: list[dict], split: str, source: str, recipe: Recipe, run
 # finish: the manifest
 
 
-def finish(recipe: Recipe, run_url: str, records: list[dict]) -> None:
-    info, dtype = tokenizer_info(recipe, run_url)
-    shards: list[ShardEntry] = []
-    for rec in records:
-        if not rec["task"].startswith(("train/", "validation/")):
-            continue
-        parts_url = next(o for o in rec["outputs"] if o.endswith(".json"))
-        parts = storage.read_json(parts_url)
-        if not parts or parts.get("fingerprint") != rec["fingerprint"]:
-            raise TokenizeError(f"{parts_url}: missing or from another run of task {rec['task']}")
-        shards += [ShardEntry(**e) for e in parts["shards"]]
-    manifest = make_manifest(info, recipe.tokenize.bos, recipe.tokenize.eos, dtype.name, shards)
-    write_manifest(run_url, manifest)
-    _remove_stale_shards(run_url, {s.path for s in shards})
-
-
-def _remove_stale_shards(run_url: str, keep: set[str]) -> None:
+def _remove_stale_shards(run: RunDir, keep: set[str]) -> None:
     """Shard files of an earlier configuration (other groups or parts) that the manifest dropped."""
-    fs, root = storage.url_to_fs(run_url)
-    shards_root = storage.url_to_fs(storage.join(run_url, "shards"))[1]
+    fs, root = storage.url_to_fs(run.url)
+    shards_root = storage.url_to_fs(run.shards_root)[1]
     try:
         found = fs.find(shards_root)
     except FileNotFoundError:
@@ -832,3 +733,69 @@ def _remove_stale_shards(run_url: str, keep: set[str]) -> None:
         if ext in (".bin", ".idx") and stem not in keep:
             fs.rm(path)
 
+
+class TokenizeStage(Stage):
+    name = STAGE
+
+    def phases(self, recipe: Recipe, run: RunDir) -> Iterator[str]:
+        if _needs_training(recipe, run):
+            yield "tokenizer"
+        yield from ("holdout", "group", "encode")
+
+    def cpus_per_task(self, recipe: Recipe) -> int:
+        return recipe.tokenize.cpus_per_task
+
+    def plan(self, recipe: Recipe, run: RunDir, phase: str | None) -> list[Task]:
+        files = _all_docs_files(recipe, run)
+        if phase == "tokenizer":
+            cfg = recipe.tokenizer.train
+            versions = [(f.source, f.rel, f.version) for fs in files.values() for f in fs]
+            url = tokenizer_url(recipe, run)
+            return [Task(STAGE, "tokenizer", "", fingerprint(STAGE, "tokenizer", versions, _train_config_inputs(cfg), url),
+                         payload={"out": url, "train": _train_config_inputs(cfg),
+                                  "inputs": [f.url for fs in files.values() for f in fs]})]
+        info, dtype = tokenizer_info(recipe, run)  # a missing or unusable tokenizer fails before any work
+        fps = _holdout_fingerprints(recipe, run, files)
+        if phase == "holdout":
+            return [Task(STAGE, f"holdout/{f.source}/{f.rel}", f.source, fps[f"holdout/{f.source}/{f.rel}"],
+                         size=_size_of(f.version),
+                         payload={"docs": f.url, "rel": f.rel, "out": _holdout_url(run, f)})
+                    for fs in files.values() for f in fs]
+        if phase == "group":
+            inputs = [{"source": f.source, "rel": f.rel, "url": f.url, "holdout": _holdout_url(run, f)}
+                      for fs in files.values() for f in fs]
+            return [Task(STAGE, "group", "", _group_fingerprint(recipe, fps, dtype.itemsize, info.sha256),
+                         payload={"inputs": inputs, "itemsize": dtype.itemsize, "tokenizer_sha256": info.sha256})]
+        if phase == "encode":
+            return _encode_tasks(recipe, run, files, fps, info, dtype)
+        raise ValueError(f"unknown tokenize phase {phase!r}")
+
+    def run_task(self, task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
+        if task.id == "tokenizer":
+            p = task.payload
+            info = train_tokenizer(p["inputs"], p["out"], **{k: v for k, v in p["train"].items()})
+            return TaskResult(outputs=[p["out"]], stats={"tokenizer": {"trained_documents": info["documents"],
+                                                                        "trained_sentences": info["sentences"]}})
+        if task.id.startswith("holdout/"):
+            return _run_holdout(task, recipe, run)
+        if task.id == "group":
+            return _run_group(task, recipe, run)
+        return _run_encode(task, recipe, run)
+
+    def finish(self, recipe: Recipe, run: RunDir, records: list[dict]) -> None:
+        info, dtype = tokenizer_info(recipe, run)
+        shards: list[ShardEntry] = []
+        for rec in records:
+            if not rec["task"].startswith(("train/", "validation/")):
+                continue
+            parts_url = next(o for o in rec["outputs"] if o.endswith(".json"))
+            parts = storage.read_json(parts_url)
+            if not parts or parts.get("fingerprint") != rec["fingerprint"]:
+                raise TokenizeError(f"{parts_url}: missing or from another run of task {rec['task']}")
+            shards += [ShardEntry(**e) for e in parts["shards"]]
+        manifest = make_manifest(info, recipe.tokenize.bos, recipe.tokenize.eos, dtype.name, shards)
+        write_manifest(run, manifest)
+        _remove_stale_shards(run, {s.path for s in shards})
+
+
+stage = TokenizeStage()

@@ -11,13 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT, kill_run_when, tinyprep, tree_digest
+
 from pipeline import dedup, ingest
 from pipeline.dedup.shuffle import read_partition
 from pipeline.dedup.stage import EDGE_SCHEMA, read_layout
+from pipeline.executors import LocalExecutor
 from pipeline.recipe import parse_recipe
-from pipeline.stats import merge_all
+from pipeline.runner import run_stage
 
 RECIPE = str(ROOT / "recipes" / "sample.yaml")
 
@@ -30,11 +31,9 @@ def run_inline(recipe, run_dir: str) -> tuple[list[str], dict]:
     """Every phase's tasks in this process, as the runner would run them (without Ray).
 
     Returns the phases and the merged stats (merged as the runner merges them)."""
-    phase, phases, results = None, [], []
-    while (phase := dedup.next_phase(recipe, run_dir, phase)) is not None:
-        phases.append(phase)
-        results += [dedup.run_task(task, recipe, run_dir) for task in dedup.plan(recipe, run_dir, phase)]
-    return phases, merge_all(r.get("stats", {}) for r in results)
+    report = run_stage(LocalExecutor(), dedup.stage, recipe, run_dir)
+    assert report.ok, report.failed
+    return report.phases, report.stats
 
 
 def write_docs(run: Path, source: str, rel: str, texts: list[str], subset: str | None = None) -> np.ndarray:

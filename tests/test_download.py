@@ -20,6 +20,7 @@ import fsspec
 import pytest
 
 from pipeline import download
+from pipeline.layout import RunDir
 from pipeline.recipe import parse_recipe
 
 BIG = 3 * 1024 * 1024 + 12345  # several 1 MB blocks and a ragged tail
@@ -165,12 +166,12 @@ def _recipe(run: Path | str, urls: list[str] | None = None, url_list: str | None
 
 def _run_all(recipe, run_url: str) -> dict[str, dict]:
     """run_task over the plan; results by rel_path."""
-    return {t.payload["rel_path"]: download.run_task(t, recipe, run_url) for t in download.plan(recipe, run_url)}
+    return {t.payload["rel_path"]: download.stage.run_task(t, recipe, RunDir(run_url)) for t in download.stage.plan(recipe, RunDir(run_url))}
 
 
 def _stats(result: dict) -> dict:
     """A task's counters: the deterministic stats and how this attempt got the file, together."""
-    return {**result["stats"]["sources"]["web"], **result["transfer"]["sources"]["web"]}
+    return {**result.stats["sources"]["web"], **result.transfer["sources"]["web"]}
 
 
 def _leftovers(run: Path) -> list[str]:
@@ -178,7 +179,7 @@ def _leftovers(run: Path) -> list[str]:
 
 
 def _task(recipe, run_url: str, rel: str):
-    return next(t for t in download.plan(recipe, run_url) if t.payload["rel_path"] == rel)
+    return next(t for t in download.stage.plan(recipe, RunDir(run_url)) if t.payload["rel_path"] == rel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def _task(recipe, run_url: str, rel: str):
 def test_plan_one_task_per_file_of_downloaded_sources(tmp_path, server, corpus):
     run = tmp_path / "run"
     recipe = _recipe(run, [f"{server.base}/web/**"])
-    tasks = download.plan(recipe, str(run))
+    tasks = download.stage.plan(recipe, RunDir(str(run)))
     assert [t.id for t in tasks] == [f"web/{rel}" for rel in sorted(corpus)]  # the in-place source has none
     t = tasks[0]
     assert t.stage == "download" and t.source == "web"
@@ -196,7 +197,7 @@ def test_plan_one_task_per_file_of_downloaded_sources(tmp_path, server, corpus):
     assert t.payload["dest"] == str(run / "raw" / "web" / "a" / "big.bin")
     assert set(t.payload) == {"url", "rel_path", "size", "checksum", "dest"}
     assert len({t.id for t in tasks}) == len(tasks) and all(len(t.fingerprint) == 20 for t in tasks)
-    assert download.plan(recipe, str(run)) == tasks  # deterministic (listing cached in the run)
+    assert download.stage.plan(recipe, RunDir(str(run))) == tasks  # deterministic (listing cached in the run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +211,10 @@ def test_files_arrive_byte_identical(tmp_path, server, corpus):
     for rel, data in corpus.items():
         assert (run / "raw" / "web" / rel).read_bytes() == data, rel
         r = results[rel]
-        assert r["outputs"] == [str(run / "raw" / "web" / rel)]
-        assert r["bytes"] == len(data) and r["docs"] == 0 and r["errors"] == 0 and r["issues"] == []
-        assert r["stats"] == {"sources": {"web": {"files": 1, "bytes": len(data), "checksum_verified": 0}}}
-        assert r["transfer"] == {"sources": {"web": {"skipped": 0, "resumed": 0, "reconnects": 0}}}
+        assert r.outputs == [str(run / "raw" / "web" / rel)]
+        assert r.bytes == len(data) and r.docs == 0 and r.errors == 0 and r.issues == []
+        assert r.stats == {"sources": {"web": {"files": 1, "bytes": len(data), "checksum_verified": 0}}}
+        assert r.transfer == {"sources": {"web": {"skipped": 0, "resumed": 0, "reconnects": 0}}}
     assert _leftovers(run) == []
     # the big file came as one streaming GET, not one request per block
     assert server.gets("/web/a/big.bin") == [None]
@@ -224,7 +225,7 @@ def test_dropped_connection_resumes_with_a_range_request(tmp_path, server, corpu
     recipe = _recipe(run, [f"{server.base}/web/**"])
     # the streaming GET drops after 1.6 MB; the first ranged block (1 MB) drops after 0.4 MB
     server.state["drops"]["/web/a/big.bin"] = [1_600_000, 400_000]
-    r = download.run_task(_task(recipe, str(run), "a/big.bin"), recipe, str(run))
+    r = download.stage.run_task(_task(recipe, str(run), "a/big.bin"), recipe, RunDir(str(run)))
     assert (run / "raw" / "web" / "a" / "big.bin").read_bytes() == corpus["a/big.bin"]
     assert _stats(r)["reconnects"] == 2 and _stats(r)["resumed"] == 1
     ranges = server.gets("/web/a/big.bin")
@@ -245,7 +246,7 @@ def test_server_that_ignores_range_still_gives_the_right_file(tmp_path, server, 
     Path(str(dest) + ".partial").write_bytes(corpus["a/big.bin"][:1_000_000])
     # resume attempt (answered 200: start over), then a streaming GET that drops (restart again)
     server.state["drops"]["/web/a/big.bin"] = [100, 1_600_000]
-    r = download.run_task(_task(recipe, str(run), "a/big.bin"), recipe, str(run))
+    r = download.stage.run_task(_task(recipe, str(run), "a/big.bin"), recipe, RunDir(str(run)))
     assert dest.read_bytes() == corpus["a/big.bin"]
     assert _stats(r)["reconnects"] == 1 and _stats(r)["resumed"] == 0
     assert _leftovers(run) == []
@@ -262,7 +263,7 @@ def test_partial_from_a_killed_run_is_resumed(tmp_path, server, corpus):
     dest.parent.mkdir(parents=True)
     kept = 1_234_567
     Path(str(dest) + ".partial").write_bytes(corpus["a/big.bin"][:kept])
-    r = download.run_task(_task(recipe, str(run), "a/big.bin"), recipe, str(run))
+    r = download.stage.run_task(_task(recipe, str(run), "a/big.bin"), recipe, RunDir(str(run)))
     assert dest.read_bytes() == corpus["a/big.bin"]
     assert _stats(r)["resumed"] == 1 and _stats(r)["reconnects"] == 0
     ranges = server.gets("/web/a/big.bin")
@@ -277,7 +278,7 @@ def test_partial_longer_than_the_file_starts_over(tmp_path, server, corpus):
     dest = run / "raw" / "web" / "a" / "small.bin"
     dest.parent.mkdir(parents=True)
     Path(str(dest) + ".partial").write_bytes(b"z" * (len(corpus["a/small.bin"]) + 10))
-    download.run_task(_task(recipe, str(run), "a/small.bin"), recipe, str(run))
+    download.stage.run_task(_task(recipe, str(run), "a/small.bin"), recipe, RunDir(str(run)))
     assert dest.read_bytes() == corpus["a/small.bin"]
     assert _leftovers(run) == []
 
@@ -289,14 +290,14 @@ def test_rerun_skips_complete_files(tmp_path, server, corpus):
     server.state["log"].clear()
     again = _run_all(recipe, str(run))
     assert all(_stats(r)["skipped"] == 1 and _stats(r)["bytes"] == len(corpus[rel]) for rel, r in again.items())
-    assert {k: r["stats"] for k, r in again.items()} == {k: r["stats"] for k, r in first.items()}  # retry-proof
+    assert {k: r.stats for k, r in again.items()} == {k: r.stats for k, r in first.items()}  # retry-proof
     assert [e for e in server.state["log"] if e[0] == "GET"] == []  # at most a HEAD for the size
     # a truncated destination is not "complete": it is downloaded again
     dest = run / "raw" / "web" / "a" / "big.bin"
     dest.write_bytes(corpus["a/big.bin"][:1000])
-    r = download.run_task(_task(recipe, str(run), "a/big.bin"), recipe, str(run))
+    r = download.stage.run_task(_task(recipe, str(run), "a/big.bin"), recipe, RunDir(str(run)))
     assert _stats(r)["skipped"] == 0 and dest.read_bytes() == corpus["a/big.bin"]
-    assert r["issues"][0]["kind"] == "bad_destination"
+    assert r.issues[0]["kind"] == "bad_destination"
 
 
 def test_retries_exhausted_raise_naming_the_url_and_a_rerun_resumes(tmp_path, server, corpus):
@@ -305,7 +306,7 @@ def test_retries_exhausted_raise_naming_the_url_and_a_rerun_resumes(tmp_path, se
     task = _task(recipe, str(run), "a/big.bin")
     server.state["drops"]["/web/a/big.bin"] = 1_600_000  # every GET
     with pytest.raises(download.DownloadError) as e:
-        download.run_task(task, recipe, str(run))
+        download.stage.run_task(task, recipe, RunDir(str(run)))
     msg = str(e.value)
     assert f"{server.base}/web/a/big.bin" in msg and f"of {BIG} bytes" in msg and "2 reconnect" in msg
     partial = run / "raw" / "web" / "a" / "big.bin.partial"
@@ -313,7 +314,7 @@ def test_retries_exhausted_raise_naming_the_url_and_a_rerun_resumes(tmp_path, se
     assert len(server.gets("/web/a/big.bin")) == 3  # first try + 2 reconnects
     # the runner retries the task later: it continues from the .partial
     server.state["drops"].clear()
-    r = download.run_task(task, recipe, str(run))
+    r = download.stage.run_task(task, recipe, RunDir(str(run)))
     assert (run / "raw" / "web" / "a" / "big.bin").read_bytes() == corpus["a/big.bin"]
     assert _stats(r)["resumed"] == 1
     assert _leftovers(run) == []
@@ -327,7 +328,7 @@ def test_missing_file_is_not_retried(tmp_path, server):
     task = _task(recipe, str(run), "gone.bin")
     assert task.payload["size"] == -1
     with pytest.raises(FileNotFoundError, match="gone.bin"):
-        download.run_task(task, recipe, str(run))
+        download.stage.run_task(task, recipe, RunDir(str(run)))
 
 
 def test_unknown_size_from_a_url_list_is_asked_at_run_time(tmp_path, server, corpus):
@@ -340,7 +341,7 @@ def test_unknown_size_from_a_url_list_is_asked_at_run_time(tmp_path, server, cor
     assert (run / "raw" / "web" / "a" / "big.bin").read_bytes() == corpus["a/big.bin"]
     assert (run / "raw" / "web" / "b" / "c" / "nested.jsonl").read_bytes() == corpus["b/c/nested.jsonl"]
     assert _stats(results["a/big.bin"])["resumed"] == 1
-    assert results["a/big.bin"]["bytes"] == BIG
+    assert results["a/big.bin"].bytes == BIG
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +356,7 @@ def local_source(tmp_path: Path):
     src.write_bytes(data)
     run = tmp_path / "run"
     recipe = _recipe(run, [str(tmp_path / "local" / "*.bin")])
-    (task,) = download.plan(recipe, str(run))
+    (task,) = download.stage.plan(recipe, RunDir(str(run)))
     return recipe, run, task, data, Path(task.payload["dest"])
 
 
@@ -368,20 +369,20 @@ def test_destination_with_right_size_and_wrong_sha256_is_replaced(local_source):
     task = _with_checksum(task, "sha256:" + hashlib.sha256(data).hexdigest())
     dest.parent.mkdir(parents=True)
     dest.write_bytes(b"\0" * len(data))
-    r = download.run_task(task, recipe, str(run))
+    r = download.stage.run_task(task, recipe, RunDir(str(run)))
     assert dest.read_bytes() == data
     assert _stats(r)["skipped"] == 0 and _stats(r)["checksum_verified"] == 1
-    (issue,) = r["issues"]
+    (issue,) = r.issues
     assert issue["kind"] == "bad_destination" and "sha256" in issue["message"] and issue["file"] == "part-0.bin"
-    again = download.run_task(task, recipe, str(run))  # now it hashes right: skipped
-    assert _stats(again)["skipped"] == 1 and _stats(again)["checksum_verified"] == 1 and again["issues"] == []
+    again = download.stage.run_task(task, recipe, RunDir(str(run)))  # now it hashes right: skipped
+    assert _stats(again)["skipped"] == 1 and _stats(again)["checksum_verified"] == 1 and again.issues == []
 
 
 def test_checksum_mismatch_deletes_the_partial_and_names_both_checksums(local_source):
     recipe, run, task, data, dest = local_source
     wrong = hashlib.sha256(b"something else").hexdigest()
     with pytest.raises(download.ChecksumMismatch) as e:
-        download.run_task(_with_checksum(task, "sha256:" + wrong), recipe, str(run))
+        download.stage.run_task(_with_checksum(task, "sha256:" + wrong), recipe, RunDir(str(run)))
     msg = str(e.value)
     assert task.payload["url"] in msg and wrong in msg and hashlib.sha256(data).hexdigest() in msg
     assert not dest.exists() and _leftovers(run) == []
@@ -390,10 +391,10 @@ def test_checksum_mismatch_deletes_the_partial_and_names_both_checksums(local_so
 def test_md5_in_base64_and_etags(local_source):
     recipe, run, task, data, dest = local_source
     b64 = base64.b64encode(hashlib.md5(data).digest()).decode()  # GCS's md5Hash
-    r = download.run_task(_with_checksum(task, "md5:" + b64), recipe, str(run))
+    r = download.stage.run_task(_with_checksum(task, "md5:" + b64), recipe, RunDir(str(run)))
     assert _stats(r)["checksum_verified"] == 1 and dest.read_bytes() == data
     dest.unlink()
-    r = download.run_task(_with_checksum(task, "etag:abc-3"), recipe, str(run))  # not verifiable
+    r = download.stage.run_task(_with_checksum(task, "etag:abc-3"), recipe, RunDir(str(run)))  # not verifiable
     assert _stats(r)["checksum_verified"] == 0 and dest.read_bytes() == data
     with pytest.raises(ValueError, match="neither hex nor base64"):
         download._expected_digest("sha256:nothex")
@@ -424,7 +425,7 @@ def test_non_local_run_dir(server, corpus):
         task = _with_checksum(_task(recipe, run_url, "a/small.bin"), "sha256:" + "0" * 64)
         fs.rm(task.payload["dest"])
         with pytest.raises(download.ChecksumMismatch):
-            download.run_task(task, recipe, run_url)
+            download.stage.run_task(task, recipe, RunDir(run_url))
         assert not fs.exists(task.payload["dest"])
     finally:
         fs.rm(run_url.split("/run")[0], recursive=True)

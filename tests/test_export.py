@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tinyprep
-from pipeline.export import ExportError, VerifyError, export_litgpt, verify_run
 from test_formats import spec_read_litpkds, spec_read_megatron
+
+from pipeline.export import ExportError, VerifyError, export_litgpt, verify_run
 
 BLOCK = 2049
 

@@ -15,13 +15,28 @@ import numpy as np
 import orjson
 import pytest
 
-from pipeline.formats import FormatError
-from pipeline.formats import litpkds
-from pipeline.formats.manifest import (ManifestError, ShardEntry, TokenizerInfo, load_manifest, load_mixture,
-                                       make_manifest, manifest_fingerprint, parse_manifest, parse_mixture,
-                                       safe_relative_path, shard_prefix, write_manifest)
-from pipeline.formats.megatron import (DTYPE_CODES, MegatronReader, MegatronWriter, check_vocab_fits,
-                                       dtype_for_vocab)
+from pipeline.formats import FormatError, litpkds
+from pipeline.formats.manifest import (
+    ManifestError,
+    ShardEntry,
+    TokenizerInfo,
+    load_manifest,
+    load_mixture,
+    make_manifest,
+    manifest_fingerprint,
+    parse_manifest,
+    parse_mixture,
+    safe_relative_path,
+    shard_prefix,
+    write_manifest,
+)
+from pipeline.formats.megatron import (
+    DTYPE_CODES,
+    MegatronReader,
+    MegatronWriter,
+    check_vocab_fits,
+    dtype_for_vocab,
+)
 
 # --- independent readers, from the spec ---------------------------------------------------------
 

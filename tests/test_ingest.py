@@ -17,6 +17,7 @@ import pytest
 import zstandard
 
 from pipeline import ingest
+from pipeline.layout import RunDir
 from pipeline.recipe import parse_recipe
 from pipeline.stats import merge_all
 
@@ -36,25 +37,25 @@ def make_recipe(tmp_path: Path, sources: list[dict], **ingest_cfg):
 
 
 def run_all(recipe) -> tuple[list, list[dict], dict]:
-    tasks = ingest.plan(recipe, recipe.output)
-    results = [ingest.run_task(t, recipe, recipe.output) for t in tasks]
+    tasks = ingest.stage.plan(recipe, RunDir(recipe.output))
+    results = [ingest.stage.run_task(t, recipe, RunDir(recipe.output)) for t in tasks]
     for r in results:
         check_identity(r)
-    return tasks, results, merge_all(r["stats"] for r in results)
+    return tasks, results, merge_all(r.stats for r in results)
 
 
 def check_identity(result: dict) -> None:
     """read == kept + filtered + unreadable, per source and per subset; errors and docs agree."""
     errors = 0
-    for c in result["stats"]["sources"].values():
+    for c in result.stats["sources"].values():
         assert c["read"] == c["kept"] + sum(c["filtered"].values()) + sum(c["unreadable"].values())
         for sub in c["subsets"].values():
             assert sub["read"] == sub["kept"] + sum(sub["filtered"].values()) + sum(sub["unreadable"].values())
         for key in ("read", "kept", "bytes_read", "bytes_kept"):
             assert c[key] == sum(s[key] for s in c["subsets"].values())
         errors += sum(c["unreadable"].values()) + c["files_unreadable"]
-    assert result["errors"] == errors
-    assert result["docs"] == sum(c["read"] for c in result["stats"]["sources"].values())
+    assert result.errors == errors
+    assert result.docs == sum(c["read"] for c in result.stats["sources"].values())
 
 
 def jsonl(records: list) -> bytes:
@@ -72,7 +73,7 @@ def zst(data: bytes) -> bytes:
 
 
 def docs_of(result: dict) -> list[dict]:
-    return pq.read_table(result["outputs"][0]).to_pylist()
+    return pq.read_table(result.outputs[0]).to_pylist()
 
 
 def counts(merged: dict, source: str = "src") -> dict:
@@ -117,11 +118,11 @@ def test_bad_records_are_counted_with_kind_and_line(tmp_path):
     assert c["unreadable"] == {"bad_json": 1, "bad_utf8": 1, "missing_text": 1, "not_an_object": 2,
                                "null_text": 1, "text_not_string": 1}
     assert c["files"] == 1 and c["files_unreadable"] == 0
-    assert res["errors"] == 7
-    assert [(i["kind"], i["line"]) for i in res["issues"]] == [
+    assert res.errors == 7
+    assert [(i["kind"], i["line"]) for i in res.issues] == [
         ("bad_json", 2), ("bad_utf8", 3), ("not_an_object", 5), ("missing_text", 7), ("null_text", 8),
         ("text_not_string", 9), ("not_an_object", 12)]
-    assert all(i["file"] == "a.jsonl.zst" and i["message"] for i in res["issues"])
+    assert all(i["file"] == "a.jsonl.zst" and i["message"] for i in res.issues)
     docs = docs_of(res)
     assert [d["row"] for d in docs] == [0, 8]
     assert [d["id"] for d in docs] == [ingest.document_id("src", "a.jsonl.zst", r) for r in (0, 8)]
@@ -140,12 +141,12 @@ def test_empty_and_not_zstd_files_are_file_level_problems(tmp_path):
     _, results, merged = run_all(recipe)
     c = counts(merged)
     assert (c["files"], c["files_unreadable"], c["read"], c["kept"]) == (4, 3, 1, 1)
-    kinds = [[(i["kind"], i["line"]) for i in r["issues"]] for r in results]
+    kinds = [[(i["kind"], i["line"]) for i in r.issues] for r in results]
     assert kinds == [[("empty_file", None)], [("not_zstd", None)], [], [("not_gzip", None)]]
-    assert [r["errors"] for r in results] == [1, 1, 0, 1]
+    assert [r.errors for r in results] == [1, 1, 0, 1]
     for r in results:  # the output exists, with the schema, even when empty
-        assert pq.read_schema(r["outputs"][0]).equals(ingest.SCHEMA, check_metadata=False)
-    assert [pq.read_metadata(r["outputs"][0]).num_rows for r in results] == [0, 0, 1, 0]
+        assert pq.read_schema(r.outputs[0]).equals(ingest.SCHEMA, check_metadata=False)
+    assert [pq.read_metadata(r.outputs[0]).num_rows for r in results] == [0, 0, 1, 0]
 
 
 def _flushed_zstd(pieces: list[bytes]) -> tuple[bytes, list[int]]:
@@ -170,13 +171,13 @@ def test_truncated_zstd_keeps_complete_records_and_counts_the_cut_one(tmp_path):
     write(tmp_path / "in" / "cut2.jsonl.zst", data2[: (ends2[4] + ends2[5]) // 2])
     recipe = make_recipe(tmp_path, [{"urls": [str(tmp_path / "in" / "*.jsonl.zst")]}])
     _, (r1, r2), merged = run_all(recipe)
-    c1 = r1["stats"]["sources"]["src"]
+    c1 = r1.stats["sources"]["src"]
     assert (c1["read"], c1["kept"], c1["unreadable"], c1["files_unreadable"]) == (13, 12, {"truncated": 1}, 0)
-    assert [(i["kind"], i["line"]) for i in r1["issues"]] == [("truncated", 13)]
+    assert [(i["kind"], i["line"]) for i in r1.issues] == [("truncated", 13)]
     assert [d["row"] for d in docs_of(r1)] == list(range(12))
-    c2 = r2["stats"]["sources"]["src"]
+    c2 = r2.stats["sources"]["src"]
     assert (c2["read"], c2["kept"], c2["unreadable"], c2["files_unreadable"]) == (5, 5, {}, 1)
-    assert [(i["kind"], i["line"]) for i in r2["issues"]] == [("truncated", None)]
+    assert [(i["kind"], i["line"]) for i in r2.issues] == [("truncated", None)]
     assert counts(merged)["files"] == 2
 
 
@@ -188,10 +189,10 @@ def test_multi_frame_zstd_and_multi_member_gzip(tmp_path):
     recipe = make_recipe(tmp_path, [{"urls": [str(tmp_path / "in" / "*")]}])
     _, (cut, frames, members), _ = run_all(recipe)
     for r in (frames, members):
-        assert r["stats"]["sources"]["src"]["kept"] == 5 and r["errors"] == 0
-    c = cut["stats"]["sources"]["src"]
-    assert c["kept"] + sum(c["unreadable"].values()) == c["read"] and cut["errors"] >= 1
-    assert cut["issues"][-1]["kind"] == "truncated"
+        assert r.stats["sources"]["src"]["kept"] == 5 and r.errors == 0
+    c = cut.stats["sources"]["src"]
+    assert c["kept"] + sum(c["unreadable"].values()) == c["read"] and cut.errors >= 1
+    assert cut.issues[-1]["kind"] == "truncated"
 
 
 def test_huge_document_kept_under_limit_and_too_large_over_it(tmp_path):
@@ -202,7 +203,7 @@ def test_huge_document_kept_under_limit_and_too_large_over_it(tmp_path):
     c = counts(merged)
     assert (c["read"], c["kept"], c["filtered"]) == (3, 2, {"too_large": 1})
     assert c["bytes_read"] == 30_000_000 + 2 * len(LONG)
-    assert [(i["kind"], i["line"]) for i in res["issues"]] == [("too_large", 2)]
+    assert [(i["kind"], i["line"]) for i in res.issues] == [("too_large", 2)]
     _, (res,), merged = run_all(make_recipe(tmp_path, [dict(src)], max_document_bytes=64 << 20))
     c = counts(merged)
     assert (c["read"], c["kept"], c["bytes_kept"]) == (3, 3, 30_000_000 + 2 * len(LONG))
@@ -213,8 +214,8 @@ def test_issues_are_capped_but_all_counted(tmp_path):
     write(tmp_path / "in" / "bad.jsonl", b"{oops\n" * 30 + jsonl([slim_record(LONG)]))
     _, (res,), merged = run_all(make_recipe(tmp_path, [{"urls": [str(tmp_path / "in" / "*.jsonl")]}],
                                             report_issues=5))
-    assert counts(merged)["unreadable"] == {"bad_json": 30} and res["errors"] == 30
-    assert [i["line"] for i in res["issues"]] == [1, 2, 3, 4, 5]
+    assert counts(merged)["unreadable"] == {"bad_json": 30} and res.errors == 30
+    assert [i["line"] for i in res.issues] == [1, 2, 3, 4, 5]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,9 +243,9 @@ def test_parquet_problems(tmp_path):
     assert c["unreadable"] == {"missing_text": 3, "null_text": 1}
     assert c["filtered"] == {"short": 1}
     assert c["subsets"]["python"]["kept"] == 2
-    assert [[i["kind"] for i in r["issues"]] for r in results] == [
+    assert [[i["kind"] for i in r.issues] for r in results] == [
         ["null_text"], ["missing_text"], ["bad_parquet"], ["empty_file"]]
-    assert results[0]["issues"][0]["line"] == 1  # the row
+    assert results[0].issues[0]["line"] == 1  # the row
     assert [(d["row"], d["subset"]) for d in docs_of(results[0])] == [(0, "python"), (3, "python")]
 
 
@@ -261,11 +262,11 @@ def test_parquet_damaged_row_group_and_bad_utf8(tmp_path):
     pq.write_table(pa.table({"content": pa.array([LONG.encode(), b"\xff" + LONG.encode()], pa.binary())}), q)
     _, (ra, rb), _ = run_all(make_recipe(tmp_path, [{"urls": [str(tmp_path / "in" / "*.parquet")],
                                                       "text_field": "content"}]))
-    ca = ra["stats"]["sources"]["src"]
+    ca = ra.stats["sources"]["src"]
     assert (ca["read"], ca["kept"], ca["unreadable"], ca["files_unreadable"]) == (30, 20, {"bad_parquet": 10}, 0)
-    assert [(i["kind"], i["line"]) for i in ra["issues"]] == [("bad_parquet", 10)]
+    assert [(i["kind"], i["line"]) for i in ra.issues] == [("bad_parquet", 10)]
     assert [d["row"] for d in docs_of(ra)] == list(range(10)) + list(range(20, 30))
-    cb = rb["stats"]["sources"]["src"]
+    cb = rb.stats["sources"]["src"]
     assert (cb["read"], cb["kept"], cb["unreadable"]) == (2, 1, {"bad_utf8": 1})
 
 
@@ -273,12 +274,12 @@ def test_missing_file_and_byte_order_mark(tmp_path):
     write(tmp_path / "in" / "a.jsonl", b"\xef\xbb\xbf" + jsonl([slim_record(LONG)] * 2))
     b = write(tmp_path / "in" / "b.jsonl", jsonl([slim_record(LONG)]))
     recipe = make_recipe(tmp_path, [{"urls": [str(tmp_path / "in" / "*.jsonl")]}])
-    tasks = ingest.plan(recipe, recipe.output)
+    tasks = ingest.stage.plan(recipe, RunDir(recipe.output))
     b.unlink()
-    ra, rb = (ingest.run_task(t, recipe, recipe.output) for t in tasks)
-    assert ra["stats"]["sources"]["src"]["kept"] == 2 and ra["errors"] == 0
-    assert rb["stats"]["sources"]["src"]["files_unreadable"] == 1 and rb["errors"] == 1
-    assert [i["kind"] for i in rb["issues"]] == ["io_error"]
+    ra, rb = (ingest.stage.run_task(t, recipe, RunDir(recipe.output)) for t in tasks)
+    assert ra.stats["sources"]["src"]["kept"] == 2 and ra.errors == 0
+    assert rb.stats["sources"]["src"]["files_unreadable"] == 1 and rb.errors == 1
+    assert [i["kind"] for i in rb.issues] == ["io_error"]
 
 
 def test_split_parquet_ids_equal_unsplit(tmp_path):
@@ -289,7 +290,7 @@ def test_split_parquet_ids_equal_unsplit(tmp_path):
     t_split, split, m_split = run_all(make_recipe(tmp_path / "b", [dict(src)], split_row_groups=1))
     assert [t.id for t in t_whole] == ["src/java/train-0.parquet"]
     assert [t.id for t in t_split] == [f"src/java/train-0.parquet@rg{i:05d}-{i + 1:05d}" for i in range(5)]
-    assert split[1]["outputs"][0].endswith("docs/src/java/train-0.parquet@rg00001-00002.parquet")
+    assert split[1].outputs[0].endswith("docs/src/java/train-0.parquet@rg00001-00002.parquet")
     assert len({t.fingerprint for t in t_split}) == 5
     rows_whole = [(d["id"], d["row"], d["text"]) for d in docs_of(whole[0])]
     rows_split = [(d["id"], d["row"], d["text"]) for r in split for d in docs_of(r)]
@@ -411,7 +412,7 @@ def test_all_formats_give_the_same_documents(tmp_path):
     assert [t.payload["format"] for t in tasks] == ["jsonl", "jsonl", "jsonl.gz", "jsonl.zst", "parquet"]
     seen = [[(d["row"], d["text"], d["subset"], d["meta"]) for d in docs_of(r)] for r in results]
     assert all(s == seen[0] for s in seen) and len(seen[0]) == 50
-    assert [rg.num_rows for rg in (pq.ParquetFile(results[0]["outputs"][0]).metadata.row_group(i)
+    assert [rg.num_rows for rg in (pq.ParquetFile(results[0].outputs[0]).metadata.row_group(i)
                                    for i in range(4))] == [16, 16, 16, 2]
     assert counts(merged)["read"] == 5 * 51 and counts(merged)["subsets"]["RedPajamaC4"]["kept"] == 5 * 13
 
@@ -426,7 +427,7 @@ def test_output_is_byte_identical_across_runs(tmp_path):
     outs = []
     for run in ("r1", "r2"):
         _, (res,), _ = run_all(make_recipe(tmp_path / run, [dict(src)], rows_per_group=1000))
-        outs.append(Path(res["outputs"][0]).read_bytes())
+        outs.append(Path(res.outputs[0]).read_bytes())
     assert outs[0] == outs[1]
     assert not list((tmp_path / "r1" / "run" / "docs").rglob("*.tmp-*"))
 
@@ -434,15 +435,15 @@ def test_output_is_byte_identical_across_runs(tmp_path):
 def test_plan_formats_and_fingerprints(tmp_path):
     write(tmp_path / "in" / "a.jsonl.zst", zst(jsonl([slim_record(LONG)])))
     base = {"urls": [str(tmp_path / "in" / "*")], "weight": 0.5}
-    fp = lambda src=None, **cfg: ingest.plan(make_recipe(tmp_path, [dict(base, **(src or {}))], **cfg),
-                                             str(tmp_path / "run"))[0].fingerprint
+    fp = lambda src=None, **cfg: ingest.stage.plan(make_recipe(tmp_path, [dict(base, **(src or {}))], **cfg),
+                                                   RunDir(str(tmp_path / "run")))[0].fingerprint
     ref = fp()
     assert fp({"weight": 0.7}) == ref and fp(max_errors=5) == ref and fp(report_issues=3) == ref
     assert fp(max_document_bytes=100) != ref and fp(rows_per_group=10) != ref
     assert fp(parquet_compression="snappy") != ref and fp({"min_chars": 10}) != ref
     write(tmp_path / "in2" / "b.txt", b"hello")
     with pytest.raises(ValueError, match="b.txt"):
-        ingest.plan(make_recipe(tmp_path / "x", [{"urls": [str(tmp_path / "in2" / "*")]}]), str(tmp_path / "x"))
+        ingest.stage.plan(make_recipe(tmp_path / "x", [{"urls": [str(tmp_path / "in2" / "*")]}]), RunDir(str(tmp_path / "x")))
 
 
 def test_document_id_definition():
@@ -501,10 +502,10 @@ def test_io_error_mid_file(tmp_path, monkeypatch, times, kept, files_unreadable)
     c = counts(merged)
     assert c["files_unreadable"] == files_unreadable
     if kept is not None:
-        assert c["kept"] == kept and res["errors"] == 0
+        assert c["kept"] == kept and res.errors == 0
     else:  # the records read before the failure are kept; the cut one is counted
         assert c["kept"] == raw[:4096].count(b"\n") and c["unreadable"] == {"truncated": 1}
-        assert [i["kind"] for i in res["issues"]] == ["truncated", "io_error"]
+        assert [i["kind"] for i in res.issues] == ["truncated", "io_error"]
 
 
 def test_streaming_memory_is_bounded(tmp_path):
@@ -519,12 +520,12 @@ def test_streaming_memory_is_bounded(tmp_path):
     write(tmp_path / "in" / "big.jsonl.zst", zstandard.ZstdCompressor(level=1).compress(raw))
     del lines
     recipe = make_recipe(tmp_path, [{"urls": [str(tmp_path / "in" / "*")], "min_chars": 50}])
-    tasks = ingest.plan(recipe, recipe.output)
+    tasks = ingest.stage.plan(recipe, RunDir(recipe.output))
     tracemalloc.start()
     try:
-        res = ingest.run_task(tasks[0], recipe, recipe.output)
+        res = ingest.stage.run_task(tasks[0], recipe, RunDir(recipe.output))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert res["docs"] == raw.count(b"\n") and res["errors"] == 0
+    assert res.docs == raw.count(b"\n") and res.errors == 0
     assert peak < len(raw) / 4, f"peak traced memory {peak / 1e6:.1f} MB for {len(raw) / 1e6:.1f} MB of input"

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import tinyprep
+from test_formats import spec_read_megatron
+
 from pipeline.export import export_litgpt
 from pipeline.inspect import InspectError, inspect_file, inspect_run
-from test_formats import spec_read_megatron
 
 
 def ingested_texts(run: Path, source: str) -> set[str]:

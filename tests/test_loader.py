@@ -7,7 +7,6 @@ import tracemalloc
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.formats import FormatError
 from pipeline.formats.manifest import ManifestError

@@ -9,12 +9,19 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
-from pipeline.formats.manifest import ShardEntry, TokenizerInfo, load_mixture, make_manifest, mixture_fingerprint
-from pipeline.mix import MixError, largest_remainder, plan, plan_mixture
-from pipeline.recipe import load_recipe
 from test_formats import spec_read_megatron
+
+from pipeline.formats.manifest import (
+    ShardEntry,
+    TokenizerInfo,
+    load_mixture,
+    make_manifest,
+    mixture_fingerprint,
+)
+from pipeline.layout import RunDir
+from pipeline.mix import MixError, largest_remainder, plan_mixture, stage
+from pipeline.recipe import load_recipe
 
 RECIPE = str(ROOT / "recipes" / "sample.yaml")
 
@@ -109,7 +116,7 @@ def test_a_manifest_from_another_tokenizer_is_refused(reference, tmp_path):
     (run / "tokenizer.model").write_bytes(b"another model")
     with pytest.raises(MixError, match=r"tokenized with tokenizer.model \(sha256 [0-9a-f]{12}\), but the recipe's "
                                        r"tokenizer .* has sha256 [0-9a-f]{12}; rerun the tokenize stage"):
-        plan(load_recipe(RECIPE, output=str(run)), str(run))
+        stage.plan(load_recipe(RECIPE, output=str(run)), RunDir(str(run)))
     (run / "manifest.json").unlink()
     with pytest.raises(MixError, match="manifest.json: missing; run the tokenize stage first"):
-        plan(load_recipe(RECIPE, output=str(run)), str(run))
+        stage.plan(load_recipe(RECIPE, output=str(run)), RunDir(str(run)))

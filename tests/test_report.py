@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tinyprep
+
 from pipeline.stats.report import PALETTE, render_html
 from pipeline.stats.summary import collect
 

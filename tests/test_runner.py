@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT, kill_run_when, outputs, tinyprep
 
 RECIPE = str(ROOT / "recipes" / "sample.yaml")

@@ -16,14 +16,21 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT, tinyprep
+from test_formats import spec_read_megatron
+
 from pipeline.dedup import cluster_bucket
 from pipeline.stats import merge_all, merge_counts
 from pipeline.stats.histogram import EDGES, LengthStats, bin_range, histogram
-from pipeline.stats.summary import (FORMAT, VERSION, SummaryError, collect, deterministic_part, dumps,
-                                    slimpajama_dedup_rate)
-from test_formats import spec_read_megatron
+from pipeline.stats.summary import (
+    FORMAT,
+    VERSION,
+    SummaryError,
+    collect,
+    deterministic_part,
+    dumps,
+    slimpajama_dedup_rate,
+)
 
 RECIPE = str(ROOT / "recipes" / "sample.yaml")
 STAGES = ("download", "ingest", "dedup", "tokenize", "mix")

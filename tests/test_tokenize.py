@@ -16,11 +16,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
-
 from conftest import ROOT, tinyprep, tree_digest
-from pipeline.recipe import load_recipe
-from pipeline.tokenize import TokenizeError, holdout_mask, plan, removed_ids, train_tokenizer
 from test_formats import spec_read_megatron
+
+from pipeline.layout import RunDir
+from pipeline.recipe import load_recipe
+from pipeline.tokenize import (
+    TokenizeError,
+    holdout_mask,
+    removed_ids,
+    stage,
+    train_tokenizer,
+)
 
 RECIPE = str(ROOT / "recipes" / "sample.yaml")
 
@@ -184,9 +191,9 @@ def test_a_vocabulary_that_does_not_fit_the_dtype_is_refused(reference, tmp_path
     _big_vocab_model(big, run / "tokenizer.model", 70000 - 4000)
     recipe = load_recipe(RECIPE, [f"tokenizer.model={big}", "tokenize.dtype=uint16"], output=str(run))
     with pytest.raises(TokenizeError, match="vocabulary of 70000 ids does not fit dtype uint16"):
-        plan(recipe, str(run), "holdout")
+        stage.plan(recipe, RunDir(str(run)), "holdout")
     auto = load_recipe(RECIPE, [f"tokenizer.model={big}"], output=str(run))
-    assert plan(auto, str(run), "holdout")  # auto picks int32
+    assert stage.plan(auto, RunDir(str(run)), "holdout")  # auto picks int32
 
 
 def test_missing_tokenizer_and_dedup_lists_are_clear_errors(reference, tmp_path):
@@ -194,9 +201,9 @@ def test_missing_tokenizer_and_dedup_lists_are_clear_errors(reference, tmp_path)
     shutil.copytree(reference[0] / "docs", run / "docs")
     recipe = load_recipe(RECIPE, ["tokenizer.train=null", f"tokenizer.model={tmp_path}/nope.model"], output=str(run))
     with pytest.raises(TokenizeError, match=f"tokenizer.model: {tmp_path}/nope.model: no such file"):
-        plan(recipe, str(run), "holdout")
+        stage.plan(recipe, RunDir(str(run)), "holdout")
     with pytest.raises(TokenizeError, match="no ingested documents; run the ingest stage first"):
-        plan(recipe, str(tmp_path / "empty"), "holdout")
+        stage.plan(recipe, RunDir(str(tmp_path / "empty")), "holdout")
     # dedup's removal lists: all present or a clear error; read through pipeline.dedup.removed_ids
     rel = "chunk1/example_train_0.jsonl.zst.parquet"
     assert removed_ids(str(run), "slimpajama", rel).size == 0  # no RUN/dedup: nothing removed
@@ -206,7 +213,7 @@ def test_missing_tokenizer_and_dedup_lists_are_clear_errors(reference, tmp_path)
     auto = load_recipe(RECIPE, output=str(run))
     shutil.copy(reference[0] / "tokenizer.model", run / "tokenizer.model")
     with pytest.raises(TokenizeError, match="no removal list for docs/"):
-        plan(auto, str(run), "holdout")
+        stage.plan(auto, RunDir(str(run)), "holdout")
 
 
 def test_tokenizer_recipe_keys(tmp_path, monkeypatch):

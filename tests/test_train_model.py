@@ -8,10 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.train.model import CONFIGS, Llama, LlamaConfig, apply_rope, model_config, rope_tables
+from pipeline.train.model import (
+    CONFIGS,
+    Llama,
+    LlamaConfig,
+    apply_rope,
+    model_config,
+    rope_tables,
+)
 from pipeline.train.schedule import learning_rate
 from pipeline.train.trainer import document_ids
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,7 +20,14 @@ import yaml
 from pipeline.recipe import parse_recipe
 from pipeline.train import synthetic
 from pipeline.train.distributed import launch
-from pipeline.train.trainer import FAULT_ENV, TrainError, lm_loss, prepare, read_metrics, train
+from pipeline.train.trainer import (
+    FAULT_ENV,
+    TrainError,
+    lm_loss,
+    prepare,
+    read_metrics,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ = 256, 32

@@ -1,9 +1,9 @@
-"""Global exact and fuzzy (MinHash LSH) deduplication across all sources, on Ray.
+"""Global exact and fuzzy (MinHash LSH) deduplication across all sources.
 
-The stage module the runner imports (`next_phase`, `plan`, `run_task`), and the contract with the
-tokenize stage: `removed_ids(run_url, source, docs_rel)`. See `stage.py` for the phases.
+The stage (`stage`, see `stage.py` for the phases) and its contract with the tokenize stage:
+`removed_ids(run, source, docs_rel)`.
 """
 
-from .stage import cluster_bucket, next_phase, plan, read_layout, removed_ids, removed_url, run_task
+from .stage import cluster_bucket, read_layout, removed_ids, removed_url, stage
 
-__all__ = ["next_phase", "plan", "run_task", "removed_ids", "removed_url", "read_layout", "cluster_bucket"]
+__all__ = ["stage", "removed_ids", "removed_url", "read_layout", "cluster_bucket"]

@@ -3,7 +3,7 @@
 Per document the cost is O(shingles), not O(shingles x permutations):
 
 * Normalization (SlimPajama's: lowercase, drop ASCII punctuation, collapse whitespace) is the
-  same function as `pipeline.sample.slimpajama_normalize`, so the planted Jaccard values are the
+  same function as `pipeline.text.slimpajama_normalize`, so the planted Jaccard values are the
   ones this module measures.
 * Shingle hashing works on a whole batch of documents at once. A 13-character shingle of a
   Latin-1 text is 13 bytes; its hash combines the two overlapping little-endian 64-bit words at
@@ -23,33 +23,19 @@ The exact shingle-set Jaccard used to verify candidate pairs uses the same shing
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 
 import numpy as np
 import xxhash
 
+from ..hashing import GOLDEN, splitmix64, splitmix64_int
+from ..text import PUNCT_BYTES
+
 EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)  # an empty OPH bin
 _U64 = np.uint64
-_M1, _M2 = _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
-_GOLDEN = _U64(0x9E3779B97F4A7C15)
+_GOLDEN = GOLDEN
 _PROBES = 16  # pseudo-random probes of the densification before the cyclic scan
 
-_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer (a bijection of uint64), vectorized; returns a new array."""
-    x = x ^ (x >> _U64(30))
-    x *= _M1
-    x ^= x >> _U64(27)
-    x *= _M2
-    x ^= x >> _U64(31)
-    return x
-
-
-def mix64_int(x: int) -> int:
-    return int(mix64(np.array([x & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0])
 
 
 def mulhi(x: np.ndarray, n: int) -> np.ndarray:
@@ -57,16 +43,6 @@ def mulhi(x: np.ndarray, n: int) -> np.ndarray:
     return ((x >> _U64(32)) * _U64(n)) >> _U64(32)
 
 
-def slimpajama_normalize(text: str) -> str:
-    """Lowercase, drop ASCII punctuation, collapse whitespace runs to one space, strip.
-
-    Same result as `pipeline.sample.slimpajama_normalize` (re's \\s and str.split() agree on
-    what whitespace is).
-    """
-    return " ".join(text.lower().translate(_PUNCT_TABLE).split())
-
-
-_PUNCT_BYTES = string.punctuation.encode()
 # ASCII whitespace that bytes.split() does not split on but str.split() does
 _ASCII_SPACE_TABLE = bytes(0x20 if c in (0x1C, 0x1D, 0x1E, 0x1F) else c for c in range(256))
 
@@ -78,8 +54,8 @@ def normalize_fast(text: str) -> bytes | str:
     """
     low = text.lower()
     if low.isascii():
-        return b" ".join(low.encode("ascii").translate(_ASCII_SPACE_TABLE, _PUNCT_BYTES).split())
-    return " ".join(low.encode("utf-8", "surrogatepass").translate(None, _PUNCT_BYTES)
+        return b" ".join(low.encode("ascii").translate(_ASCII_SPACE_TABLE, PUNCT_BYTES).split())
+    return " ".join(low.encode("utf-8", "surrogatepass").translate(None, PUNCT_BYTES)
                     .decode("utf-8", "surrogatepass").split())
 
 
@@ -104,8 +80,8 @@ class MinHashParams:
 
 def _constants(seed: int, n: int, salt: int) -> np.ndarray:
     """n odd 64-bit multipliers derived from (seed, salt)."""
-    base = np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN + _U64(mix64_int(seed * 0x1000193 + salt))
-    return mix64(base) | _U64(1)
+    base = np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN + _U64(splitmix64_int(seed * 0x1000193 + salt))
+    return splitmix64(base) | _U64(1)
 
 
 class Shingler:
@@ -116,7 +92,7 @@ class Shingler:
         n = params.shingle_size
         self.n = n
         seed = params.seed
-        self.seed_word = _U64(mix64_int(seed ^ 0x5EED))
+        self.seed_word = _U64(splitmix64_int(seed ^ 0x5EED))
         if n <= 8:
             self.offsets = [0]
         else:
@@ -124,8 +100,8 @@ class Shingler:
         self.word_mask = _U64((1 << (8 * n)) - 1) if n < 8 else None
         self.mults = _constants(seed, max(len(self.offsets), n) + 2, 1)
         self.poly_base = self.mults[-1]
-        self.salt_poly = _U64(mix64_int(seed + 0xC0DE))
-        self.salt_short = mix64_int(seed + 0x5407) & 0xFFFFFFFFFFFFFFFF
+        self.salt_poly = _U64(splitmix64_int(seed + 0xC0DE))
+        self.salt_short = splitmix64_int(seed + 0x5407) & 0xFFFFFFFFFFFFFFFF
 
     # -- single shingle kinds ------------------------------------------------------------------
 
@@ -162,7 +138,7 @@ class Shingler:
             pref = np.zeros(m + 1, dtype=np.uint64)
             np.cumsum(codes.astype(np.uint64) * powers, out=pref[1:])
             win = (pref[n:n + count] - pref[:count]) * inv[:count]
-        return mix64(win ^ self.salt_poly)
+        return splitmix64(win ^ self.salt_poly)
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -278,7 +254,7 @@ class Shingler:
             for j in range(1, n):
                 acc ^= t_arr[j:j + count]
                 acc *= self.mults[j]
-            h = mix64(acc ^ _U64(0x3D0 + n))
+            h = splitmix64(acc ^ _U64(0x3D0 + n))
             ends = np.cumsum(lens_a)
             doc = np.repeat(np.asarray(idx, dtype=np.int64), lens_a)[:count]
             valid = np.ones(count, dtype=bool)
@@ -317,7 +293,7 @@ def _powers(base: int, m: int) -> np.ndarray:
 def _probe_table(k: int, seed: int) -> np.ndarray:
     """(k, _PROBES) pseudo-random bins each bin probes first when it is empty."""
     j = np.arange(k, dtype=np.uint64)[:, None] * _U64(_PROBES) + np.arange(_PROBES, dtype=np.uint64)[None, :]
-    return mulhi(mix64(j + _U64(mix64_int(seed + 0xD3))), k).astype(np.int64)
+    return mulhi(splitmix64(j + _U64(splitmix64_int(seed + 0xD3))), k).astype(np.int64)
 
 
 class Signer:
@@ -328,7 +304,7 @@ class Signer:
         self.k = params.permutations
         self.probes = _probe_table(self.k, params.seed)
         self.band_mults = _constants(params.seed, params.bands * params.rows, 2).reshape(params.bands, params.rows)
-        self.band_salt = mix64(np.arange(params.bands, dtype=np.uint64) + _U64(mix64_int(params.seed + 0xBA)))
+        self.band_salt = splitmix64(np.arange(params.bands, dtype=np.uint64) + _U64(splitmix64_int(params.seed + 0xBA)))
 
     def signatures(self, h: np.ndarray, doc: np.ndarray, ndocs: int) -> np.ndarray:
         """(ndocs, k) uint64 signatures; rows of documents without shingles are all EMPTY."""
@@ -372,7 +348,7 @@ class Signer:
         with np.errstate(over="ignore"):
             view = sig[:, : b * r].reshape(len(sig), b, r)
             acc = (view * self.band_mults[None, :, :]).sum(axis=2, dtype=np.uint64)
-        return mix64(acc ^ self.band_salt[None, :])
+        return splitmix64(acc ^ self.band_salt[None, :])
 
 
 def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:

@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from .. import storage
-from .minhash import mix64, mulhi
+from ..hashing import splitmix64
+from .minhash import mulhi
 
 U64 = np.uint64
 LOC_MASK = U64((1 << 56) - 1)
@@ -55,7 +56,7 @@ def node_row(lo: np.ndarray) -> np.ndarray:
 
 
 def node_partition(hi: np.ndarray, lo: np.ndarray, n: int) -> np.ndarray:
-    return mulhi(mix64(hi ^ mix64(lo)), n).astype(np.int64)
+    return mulhi(splitmix64(hi ^ splitmix64(lo)), n).astype(np.int64)
 
 
 def less(ahi, alo, bhi, blo) -> np.ndarray:

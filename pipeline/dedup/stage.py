@@ -37,20 +37,33 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Iterator
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import storage, tasks
+from .. import storage
+from ..layout import RunDir, as_run
 from ..recipe import Recipe
-from ..tasks import Task
+from ..stage import Stage, Task, TaskResult, fingerprint
 from . import components as cc
 from .exact import bucket_stars, text_hashes
 from .minhash import MinHashParams, Shingler, Signer, jaccard_sets, mulhi
-from .shuffle import (MAX_FILES, MAX_ROWS, make_nodes, node_file, node_id, node_partition, node_row,
-                      read_partition, schema, u64, write_partitioned)
+from .shuffle import (
+    MAX_FILES,
+    MAX_ROWS,
+    make_nodes,
+    node_file,
+    node_id,
+    node_partition,
+    node_row,
+    read_partition,
+    schema,
+    u64,
+    write_partitioned,
+)
 
 log = logging.getLogger("tinyprep")
 
@@ -83,26 +96,22 @@ ALL_SUBSET = "(all)"
 # Paths
 
 
-def _d(run_url: str, *parts: str) -> str:
-    return storage.join(run_url, "dedup", *parts)
-
-
-def removed_url(run_url: str, source: str, docs_rel: str) -> str:
+def removed_url(run: RunDir | str, source: str, docs_rel: str) -> str:
     """The removal list of the docs file RUN/docs/<source>/<docs_rel>: RUN/dedup/removed/<source>/<docs_rel>.
 
     `docs_rel` is the docs file's path under RUN/docs/<source>/, e.g. "chunk1/example_train_0.jsonl.zst.parquet"
     (ingest's output name: the input's path, a row-group range if split, then ".parquet").
     """
-    return _d(run_url, "removed", source, docs_rel)
+    return as_run(run).removed(source, docs_rel)
 
 
-def removed_ids(run_url: str, source: str, docs_rel: str) -> np.ndarray:
+def removed_ids(run: RunDir | str, source: str, docs_rel: str) -> np.ndarray:
     """Sorted uint64 ids of the documents of one docs file that dedup removed (empty if none).
 
     `docs_rel` as in `removed_url`; the input's path without the final ".parquet" is accepted too.
     Raises FileNotFoundError when dedup has not written the file's list.
     """
-    url = removed_url(run_url, source, docs_rel)
+    url = removed_url(run, source, docs_rel)
     if not storage.exists(url) and storage.exists(url + ".parquet"):
         url += ".parquet"
     fs, path = storage.url_to_fs(url)
@@ -111,24 +120,24 @@ def removed_ids(run_url: str, source: str, docs_rel: str) -> np.ndarray:
     return ids.to_numpy().astype(np.uint64, copy=False) if len(ids) else np.empty(0, np.uint64)
 
 
-def _sig_url(run_url, g, kind):
-    return _d(run_url, "sig", f"g{g:06d}.{kind}.arrow")
+def _sig_url(run, g, kind):
+    return run.dedup("sig", f"g{g:06d}.{kind}.arrow")
 
 
-def _bucket_url(run_url, p, kind):
-    return _d(run_url, "buckets", f"p{p:05d}.{kind}.arrow")
+def _bucket_url(run, p, kind):
+    return run.dedup("buckets", f"p{p:05d}.{kind}.arrow")
 
 
-def _gather_url(run_url, g):
-    return _d(run_url, "gather", f"g{g:06d}.arrow")
+def _gather_url(run, g):
+    return run.dedup("gather", f"g{g:06d}.arrow")
 
 
-def _verify_url(run_url, p):
-    return _d(run_url, "verify", f"p{p:05d}.arrow")
+def _verify_url(run, p):
+    return run.dedup("verify", f"p{p:05d}.arrow")
 
 
-def _round_url(run_url, r, p, kind):
-    return _d(run_url, "components", f"{r:03d}", f"p{p:05d}.{kind}")
+def _round_url(run, r, p, kind):
+    return run.dedup("components", f"{r:03d}", f"p{p:05d}.{kind}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,24 +154,18 @@ def _ranks(recipe: Recipe) -> dict[str, int]:
     return {n: i for i, n in enumerate(order)}
 
 
-def _docs_files(recipe: Recipe, run_url: str) -> list[dict]:
+def _docs_files(recipe: Recipe, run: RunDir) -> list[dict]:
     out = []
     for src in recipe.sources:
-        root = storage.join(run_url, "docs", src.name)
-        fs, root_path = storage.url_to_fs(root)
-        try:
-            found = sorted(p for p in fs.find(root_path) if p.endswith(".parquet") and ".tmp-" not in p.rsplit("/", 1)[-1])
-        except FileNotFoundError:
-            found = []
-        for path in found:
-            rel = path[len(root_path.rstrip("/")) + 1:]
+        for f in run.docs_files(src.name):
+            fs, path = storage.url_to_fs(f.url)
             with fs.open(path, "rb") as fh:
                 md = pq.ParquetFile(fh).metadata
             names = md.schema.names
             ti = names.index("text") if "text" in names else None
             text_bytes = sum(md.row_group(i).column(ti).total_uncompressed_size
                              for i in range(md.num_row_groups)) if ti is not None else 0
-            out.append({"source": src.name, "rel": rel, "rows": md.num_rows, "bytes": int(text_bytes),
+            out.append({"source": src.name, "rel": f.rel, "rows": md.num_rows, "bytes": int(text_bytes),
                         "size": int(fs.size(path))})
     return out
 
@@ -213,30 +216,30 @@ class Layout:
         return range(a, b)
 
 
-def _layout_url(run_url):
-    return _d(run_url, "layout.json")
+def _layout_url(run):
+    return run.dedup("layout.json")
 
 
-def write_layout(recipe: Recipe, run_url: str) -> Layout:
-    data = compute_layout(recipe, _docs_files(recipe, run_url))
+def write_layout(recipe: Recipe, run: RunDir) -> Layout:
+    data = compute_layout(recipe, _docs_files(recipe, run))
     raw = orjson.dumps(data, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n"
-    url = _layout_url(run_url)
+    url = _layout_url(run)
     if not storage.exists(url) or storage.read_bytes(url) != raw:
         storage.write_bytes(url, raw)
-    return Layout(data, tasks.fingerprint(data))
+    return Layout(data, fingerprint(data))
 
 
-def read_layout(run_url: str) -> Layout:
-    data = storage.read_json(_layout_url(run_url))
-    return Layout(data, tasks.fingerprint(data))
+def read_layout(run: RunDir | str) -> Layout:
+    data = storage.read_json(_layout_url(as_run(run)))
+    return Layout(data, fingerprint(data))
 
 
 def _base_fingerprint(recipe: Recipe, layout: Layout) -> str:
-    return tasks.fingerprint(STAGE, recipe.dedup, _ranks(recipe), layout.digest)
+    return fingerprint(STAGE, recipe.dedup, _ranks(recipe), layout.digest)
 
 
 def _task(recipe, layout, task_id, size=0, **payload) -> Task:
-    return Task(STAGE, task_id, "", tasks.fingerprint(_base_fingerprint(recipe, layout), task_id, payload),
+    return Task(STAGE, task_id, "", fingerprint(_base_fingerprint(recipe, layout), task_id, payload),
                 size=size, payload=payload)
 
 
@@ -248,34 +251,31 @@ def _verifying(recipe: Recipe) -> bool:
     return recipe.dedup.fuzzy and recipe.dedup.verify
 
 
-def next_phase(recipe: Recipe, run_url: str, previous: str | None) -> str | None:
-    if previous is None:
-        return "signatures"
-    if previous == "signatures":
-        return "buckets"
-    if previous == "buckets":
-        return "gather" if _verifying(recipe) else "components-001"
-    if previous == "gather":
-        return "verify"
-    if previous == "verify":
-        return "components-001"
-    if previous.startswith("components-"):
-        r = int(previous.split("-")[1])
-        if _round_violations(run_url, read_layout(run_url), r) == 0:
-            return "removal"
+def _phases(recipe: Recipe, run: RunDir) -> Iterator[str]:
+    """signatures, buckets, [gather, verify,] components-001.. until a round converges, removal."""
+    yield "signatures"
+    yield "buckets"
+    if _verifying(recipe):
+        yield "gather"
+        yield "verify"
+    r = 1
+    while True:
+        yield f"components-{r:03d}"
+        if _round_violations(run, read_layout(run), r) == 0:
+            break
         if r >= MAX_ROUNDS:
             raise RuntimeError(f"dedup: connected components did not converge in {MAX_ROUNDS} rounds")
-        return f"components-{r + 1:03d}"
-    return None
+        r += 1
+    yield "removal"
 
 
-def _round_violations(run_url: str, layout: Layout, r: int) -> int:
-    return sum(storage.read_json(_round_url(run_url, r, p, "json"))["violations"] for p in range(layout.ne))
+def _round_violations(run: RunDir, layout: Layout, r: int) -> int:
+    return sum(storage.read_json(_round_url(run, r, p, "json"))["violations"] for p in range(layout.ne))
 
 
-def _final_round(run_url: str, layout: Layout) -> int:
+def _final_round(run: RunDir, layout: Layout) -> int:
     r = 1
-    while _round_violations(run_url, layout, r):
+    while _round_violations(run, layout, r):
         r += 1
     return r
 
@@ -284,12 +284,12 @@ def _group_text_bytes(layout: Layout, g: int) -> int:
     return sum(layout.files[i]["bytes"] for i in layout.group_files(g))
 
 
-def plan(recipe: Recipe, run_url: str, phase: str) -> list[Task]:
+def _plan(recipe: Recipe, run: RunDir, phase: str) -> list[Task]:
     if phase == "signatures":
-        layout = write_layout(recipe, run_url)
+        layout = write_layout(recipe, run)
         return [_task(recipe, layout, f"signatures/g{g:06d}", _group_text_bytes(layout, g), phase=phase, group=g)
                 for g in range(len(layout.groups))]
-    layout = read_layout(run_url)
+    layout = read_layout(run)
     if phase == "buckets":
         return [_task(recipe, layout, f"buckets/p{p:05d}", phase=phase, part=p) for p in range(layout.nb)]
     if phase == "gather":
@@ -302,26 +302,18 @@ def plan(recipe: Recipe, run_url: str, phase: str) -> list[Task]:
         return [_task(recipe, layout, f"{phase}/p{p:05d}", phase="components", round=r, part=p)
                 for p in range(layout.ne)]
     if phase == "removal":
-        final = _final_round(run_url, layout)
+        final = _final_round(run, layout)
         return [_task(recipe, layout, f"removal/g{g:06d}", _group_text_bytes(layout, g), phase=phase, group=g,
                       round=final) for g in range(len(layout.groups))]
     raise ValueError(f"dedup: unknown phase {phase!r}")
-
-
-def run_task(task: Task, recipe: Recipe, run_url: str) -> dict:
-    layout = read_layout(run_url)
-    phase = task.payload["phase"]
-    fn = {"signatures": _signatures, "buckets": _buckets, "gather": _gather, "verify": _verify,
-          "components": _components, "removal": _removal}[phase]
-    return fn(task, recipe, run_url, layout)
 
 
 # ---------------------------------------------------------------------------------------------
 # signatures
 
 
-def _docs_url(run_url: str, f: dict) -> str:
-    return storage.join(run_url, "docs", f["source"], f["rel"])
+def _docs_url(run: RunDir, f: dict) -> str:
+    return run.docs(f["source"], f["rel"])
 
 
 def _open_parquet(url: str):
@@ -329,7 +321,7 @@ def _open_parquet(url: str):
     return pq.ParquetFile(path if storage.is_local(fs) else fs.open(path, "rb"))
 
 
-def _signatures(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dict:
+def _signatures(task: Task, recipe: Recipe, run: RunDir, layout: Layout) -> TaskResult:
     cfg = recipe.dedup
     g = task.payload["group"]
     ranks = _ranks(recipe)
@@ -343,7 +335,7 @@ def _signatures(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dic
     for fi in layout.group_files(g):
         f = layout.files[fi]
         rank = ranks[f["source"]]
-        pf = _open_parquet(_docs_url(run_url, f))
+        pf = _open_parquet(_docs_url(run, f))
         row = 0
         for batch in pf.iter_batches(batch_size=_READ_ROWS, columns=["id", "subset", "text"], use_threads=False):
             n = batch.num_rows
@@ -375,43 +367,43 @@ def _signatures(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dic
     cat = lambda parts, i, dt: np.concatenate([p[i] for p in parts]) if parts else np.empty(0, dt)  # noqa: E731
     band, key, bhi, blo = (cat(band_parts, 0, np.uint16), cat(band_parts, 1, np.uint64),
                            cat(band_parts, 2, np.uint64), cat(band_parts, 3, np.uint64))
-    url = _sig_url(run_url, g, "bands")
+    url = _sig_url(run, g, "bands")
     write_partitioned(url, {"band": band, "key": key, "hi": bhi, "lo": blo},
                       mulhi(key, layout.nb).astype(np.int64), layout.nb, BAND_SCHEMA)
     outputs.append(url)
     h1, h2, ehi, elo = (cat(exact_parts, i, np.uint64) for i in range(4))
-    url = _sig_url(run_url, g, "exact")
+    url = _sig_url(run, g, "exact")
     write_partitioned(url, {"h1": h1, "h2": h2, "hi": ehi, "lo": elo}, mulhi(h1, layout.nb).astype(np.int64),
                       layout.nb, EXACT_SCHEMA)
     outputs.append(url)
     index = pa.concat_tables(index_parts) if index_parts else INDEX_SCHEMA.empty_table()
-    url = _sig_url(run_url, g, "docs")
+    url = _sig_url(run, g, "docs")
     with storage.atomic_open(url, "wb") as fh:
         with pa.ipc.new_file(fh, INDEX_SCHEMA) as w:
             w.write_table(index)
     outputs.append(url)
-    return {"outputs": outputs, "docs": docs, "bytes": nbytes}
+    return TaskResult(outputs=outputs, docs=docs, bytes=nbytes)
 
 
 # ---------------------------------------------------------------------------------------------
 # buckets
 
 
-def _buckets(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dict:
+def _buckets(task: Task, recipe: Recipe, run: RunDir, layout: Layout) -> TaskResult:
     p = task.payload["part"]
     ngroups = len(layout.groups)
     outputs = []
     # exact: hubs are exact survivors' candidates, members are exact duplicates
-    ex = read_partition([_sig_url(run_url, g, "exact") for g in range(ngroups)], p, EXACT_SCHEMA)
+    ex = read_partition([_sig_url(run, g, "exact") for g in range(ngroups)], p, EXACT_SCHEMA)
     keys = [u64(ex, "h1"), u64(ex, "h2")]
     ehi, elo = u64(ex, "hi"), u64(ex, "lo")
     xuhi, xulo, xvhi, xvlo = bucket_stars(keys, ehi, elo)
     del ex, keys, ehi, elo
-    url = _bucket_url(run_url, p, "exact")
+    url = _bucket_url(run, p, "exact")
     write_partitioned(url, {"hi": xuhi, "lo": xulo}, layout.group_of(node_file(xulo)), ngroups, NODE_SCHEMA)
     outputs.append(url)
     # bands: (band, key) buckets
-    bd = read_partition([_sig_url(run_url, g, "bands") for g in range(ngroups)], p, BAND_SCHEMA)
+    bd = read_partition([_sig_url(run, g, "bands") for g in range(ngroups)], p, BAND_SCHEMA)
     band = bd.column("band").to_numpy() if bd.num_rows else np.empty(0, np.uint16)
     fuhi, fulo, fvhi, fvlo = bucket_stars([band.astype(np.uint64), u64(bd, "key")], u64(bd, "hi"), u64(bd, "lo"))
     del bd, band
@@ -420,7 +412,7 @@ def _buckets(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dict:
     vhi, vlo = np.concatenate([xvhi, fvhi]), np.concatenate([xvlo, fvlo])
     exact = np.concatenate([np.ones(len(xuhi), np.uint8), np.zeros(len(fuhi), np.uint8)])
     uhi, ulo, vhi, vlo, exact = _unique_pairs(uhi, ulo, vhi, vlo, exact)
-    url = _bucket_url(run_url, p, "edges")
+    url = _bucket_url(run, p, "edges")
     if _verifying(recipe):
         write_partitioned(url, {"uhi": uhi, "ulo": ulo, "vhi": vhi, "vlo": vlo, "exact": exact},
                           node_partition(vhi, vlo, layout.nv), layout.nv, CAND_SCHEMA)
@@ -430,7 +422,7 @@ def _buckets(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dict:
         rlo = np.concatenate([ulo[need], vlo[need]])
         rp = np.concatenate([vp, vp])
         outputs.append(url)
-        url = _bucket_url(run_url, p, "requests")
+        url = _bucket_url(run, p, "requests")
         write_partitioned(url, {"hi": rhi, "lo": rlo, "part": rp}, layout.group_of(node_file(rlo)), ngroups,
                           REQUEST_SCHEMA)
     else:
@@ -438,8 +430,8 @@ def _buckets(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dict:
         write_partitioned(url, {"ahi": ahi, "alo": alo, "bhi": bhi, "blo": blo},
                           node_partition(ahi, alo, layout.ne), layout.ne, EDGE_SCHEMA)
     outputs.append(url)
-    return {"outputs": outputs, "transfer": {"exact_edges": int(len(xuhi)), "band_candidates": int(candidates),
-                                             "pairs": int(len(uhi))}}
+    return TaskResult(outputs=outputs, transfer={"exact_edges": int(len(xuhi)), "band_candidates": int(candidates),
+                                                 "pairs": int(len(uhi))})
 
 
 def _unique_pairs(uhi, ulo, vhi, vlo, flag):
@@ -457,9 +449,9 @@ def _unique_pairs(uhi, ulo, vhi, vlo, flag):
 # gather + verify
 
 
-def _gather(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dict:
+def _gather(task: Task, recipe: Recipe, run: RunDir, layout: Layout) -> TaskResult:
     g = task.payload["group"]
-    req = read_partition([_bucket_url(run_url, p, "requests") for p in range(layout.nb)], g, REQUEST_SCHEMA)
+    req = read_partition([_bucket_url(run, p, "requests") for p in range(layout.nb)], g, REQUEST_SCHEMA)
     rhi, rlo = u64(req, "hi"), u64(req, "lo")
     rp = req.column("part").to_numpy().astype(np.int64) if req.num_rows else np.empty(0, np.int64)
     if len(rhi):  # distinct (node, partition)
@@ -474,7 +466,7 @@ def _gather(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dict:
     nbytes = 0
     for fi in np.unique(files).tolist():
         sel = np.flatnonzero(files == fi)
-        pf = _open_parquet(_docs_url(run_url, layout.files[fi]))
+        pf = _open_parquet(_docs_url(run, layout.files[fi]))
         md = pf.metadata
         bounds = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
         rg_of = np.searchsorted(bounds, rows[sel], side="right") - 1
@@ -495,19 +487,19 @@ def _gather(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dict:
         text = pa.array([], pa.large_string())
         hi = lo = np.empty(0, np.uint64)
         part = np.empty(0, np.int64)
-    url = _gather_url(run_url, g)
+    url = _gather_url(run, g)
     write_partitioned(url, {"hi": hi, "lo": lo, "text": text}, part, layout.nv, TEXT_SCHEMA)
-    return {"outputs": [url], "transfer": {"texts": int(len(hi)), "bytes": int(nbytes)}}
+    return TaskResult(outputs=[url], transfer={"texts": int(len(hi)), "bytes": int(nbytes)})
 
 
-def _verify(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dict:
+def _verify(task: Task, recipe: Recipe, run: RunDir, layout: Layout) -> TaskResult:
     cfg = recipe.dedup
     p = task.payload["part"]
-    cand = read_partition([_bucket_url(run_url, q, "edges") for q in range(layout.nb)], p, CAND_SCHEMA)
+    cand = read_partition([_bucket_url(run, q, "edges") for q in range(layout.nb)], p, CAND_SCHEMA)
     uhi, ulo, vhi, vlo = (u64(cand, c) for c in ("uhi", "ulo", "vhi", "vlo"))
     exact = cand.column("exact").to_numpy() if cand.num_rows else np.empty(0, np.uint8)
     uhi, ulo, vhi, vlo, exact = _unique_pairs(uhi, ulo, vhi, vlo, exact)
-    texts_t = read_partition([_gather_url(run_url, g) for g in range(len(layout.groups))], p, TEXT_SCHEMA)
+    texts_t = read_partition([_gather_url(run, g) for g in range(len(layout.groups))], p, TEXT_SCHEMA)
     texts = dict(zip(zip(u64(texts_t, "hi").tolist(), u64(texts_t, "lo").tolist()),
                      texts_t.column("text").to_pylist()))
     params = MinHashParams.from_config(cfg)
@@ -523,27 +515,27 @@ def _verify(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dict:
         j = jaccard_sets(shingler.shingle_set(texts[(int(uhi[i]), int(ulo[i]))]), hub_set)
         keep[i] = j >= cfg.threshold
     ahi, alo, bhi, blo = cc.both_directions(uhi[keep], ulo[keep], vhi[keep], vlo[keep])
-    url = _verify_url(run_url, p)
+    url = _verify_url(run, p)
     write_partitioned(url, {"ahi": ahi, "alo": alo, "bhi": bhi, "blo": blo},
                       node_partition(ahi, alo, layout.ne), layout.ne, EDGE_SCHEMA)
-    return {"outputs": [url], "transfer": {"candidates": int(len(todo)), "verified": int(keep.sum() - exact.sum())}}
+    return TaskResult(outputs=[url], transfer={"candidates": int(len(todo)), "verified": int(keep.sum() - exact.sum())})
 
 
 # ---------------------------------------------------------------------------------------------
 # components
 
 
-def _round_inputs(recipe: Recipe, run_url: str, layout: Layout, r: int) -> list[str]:
+def _round_inputs(recipe: Recipe, run: RunDir, layout: Layout, r: int) -> list[str]:
     if r > 1:
-        return [_round_url(run_url, r - 1, q, "arrow") for q in range(layout.ne)]
+        return [_round_url(run, r - 1, q, "arrow") for q in range(layout.ne)]
     if _verifying(recipe):
-        return [_verify_url(run_url, q) for q in range(layout.nv)]
-    return [_bucket_url(run_url, q, "edges") for q in range(layout.nb)]
+        return [_verify_url(run, q) for q in range(layout.nv)]
+    return [_bucket_url(run, q, "edges") for q in range(layout.nb)]
 
 
-def _components(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dict:
+def _components(task: Task, recipe: Recipe, run: RunDir, layout: Layout) -> TaskResult:
     r, p = task.payload["round"], task.payload["part"]
-    t = read_partition(_round_inputs(recipe, run_url, layout, r), p, EDGE_SCHEMA)
+    t = read_partition(_round_inputs(recipe, run, layout, r), p, EDGE_SCHEMA)
     nb = cc.Neighbourhoods(*(u64(t, c) for c in ("ahi", "alo", "bhi", "blo")))
     del t
     violations, leaves, centres = nb.check()
@@ -554,19 +546,19 @@ def _components(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dic
     shi = np.concatenate([leaves[2], centres[0]])
     slo = np.concatenate([leaves[3], centres[1]])
     size = np.concatenate([np.zeros(len(leaves[0]), np.uint64), centres[2]])
-    final_url = _round_url(run_url, r, p, "final.arrow")
+    final_url = _round_url(run, r, p, "final.arrow")
     write_partitioned(final_url, {"hi": fhi, "lo": flo, "shi": shi, "slo": slo, "size": size},
                       layout.group_of(node_file(flo)), ngroups, FINAL_SCHEMA)
     # (a partition whose input is already stars still runs the round: the reverse halves of its
     # edges live in other partitions, and only the round as a whole keeps both)
     ahi, alo, bhi, blo = nb.large_star() if r % 2 == 1 else nb.small_star()
-    url = _round_url(run_url, r, p, "arrow")
+    url = _round_url(run, r, p, "arrow")
     write_partitioned(url, {"ahi": ahi, "alo": alo, "bhi": bhi, "blo": blo},
                       node_partition(ahi, alo, layout.ne), layout.ne, EDGE_SCHEMA)
-    summary_url = _round_url(run_url, r, p, "json")
+    summary_url = _round_url(run, r, p, "json")
     storage.write_json(summary_url, {"round": r, "part": p, "edges_in": len(nb), "edges_out": int(len(ahi)),
                                      "violations": violations})
-    return {"outputs": [final_url, url, summary_url]}
+    return TaskResult(outputs=[final_url, url, summary_url])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,14 +571,14 @@ def cluster_bucket(size: int) -> str:
     return f"{1 << (int(size).bit_length() - 1):010d}"
 
 
-def _removal(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dict:
+def _removal(task: Task, recipe: Recipe, run: RunDir, layout: Layout) -> TaskResult:
     g, r = task.payload["group"], task.payload["round"]
-    fin = read_partition([_round_url(run_url, r, q, "final.arrow") for q in range(layout.ne)], g, FINAL_SCHEMA)
+    fin = read_partition([_round_url(run, r, q, "final.arrow") for q in range(layout.ne)], g, FINAL_SCHEMA)
     fhi, flo, shi, slo, size = (u64(fin, c) for c in ("hi", "lo", "shi", "slo", "size"))
-    ex = read_partition([_bucket_url(run_url, q, "exact") for q in range(layout.nb)], g, NODE_SCHEMA)
+    ex = read_partition([_bucket_url(run, q, "exact") for q in range(layout.nb)], g, NODE_SCHEMA)
     xhi, xlo = u64(ex, "hi"), u64(ex, "lo")
     exact_set = set(zip(xhi.tolist(), xlo.tolist()))
-    src = storage.url_to_fs(_sig_url(run_url, g, "docs"))
+    src = storage.url_to_fs(_sig_url(run, g, "docs"))
     with (pa.OSFile(src[1], "rb") if storage.is_local(src[0]) else src[0].open(src[1], "rb")) as fh:
         index = pa.ipc.open_file(fh).read_all()
     ifile = index.column("file").to_numpy().astype(np.int64)
@@ -616,14 +608,14 @@ def _removal(task: Task, recipe: Recipe, run_url: str, layout: Layout) -> dict:
         table = pa.table({"id": pa.array(ids, pa.uint64()),
                           "reason": pa.array(np.where(is_exact, "exact", "fuzzy").tolist(), pa.string()),
                           "survivor": pa.array(surv, pa.uint64())}, schema=REMOVED_SCHEMA)
-        url = removed_url(run_url, f["source"], f["rel"])
+        url = removed_url(run, f["source"], f["rel"])
         with storage.atomic_open(url, "wb") as fh:
             pq.write_table(table, fh, compression="zstd")
         outputs.append(url)
         status = np.zeros(len(in_file), dtype=np.int64)  # 0 kept, 1 exact, 2 fuzzy
         status[rows] = np.where(is_exact, 1, 2)
         _count(stats, f["source"], sub_names, sub_codes[in_file], ibytes[in_file], status)
-    return {"outputs": outputs, "stats": stats}
+    return TaskResult(outputs=outputs, stats=stats)
 
 
 _STATUS = (("kept", "bytes_kept"), ("duplicate_exact", "bytes_duplicate_exact"),
@@ -659,3 +651,21 @@ def _count(stats: dict, source: str, sub_names: list[str], codes: np.ndarray, nb
 def _zero() -> dict:
     return {"docs": 0, "kept": 0, "duplicate_exact": 0, "duplicate_fuzzy": 0,
             "bytes": 0, "bytes_kept": 0, "bytes_duplicate_exact": 0, "bytes_duplicate_fuzzy": 0}
+
+
+class DedupStage(Stage):
+    name = STAGE
+
+    def phases(self, recipe: Recipe, run: RunDir) -> Iterator[str]:
+        return _phases(recipe, run)
+
+    def plan(self, recipe: Recipe, run: RunDir, phase: str | None) -> list[Task]:
+        return _plan(recipe, run, phase)
+
+    def run_task(self, task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
+        fn = {"signatures": _signatures, "buckets": _buckets, "gather": _gather, "verify": _verify,
+              "components": _components, "removal": _removal}[task.payload["phase"]]
+        return fn(task, recipe, run, read_layout(run))
+
+
+stage = DedupStage()

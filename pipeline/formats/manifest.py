@@ -42,14 +42,13 @@ import numpy as np
 import orjson
 
 from .. import storage
+from ..layout import MANIFEST_NAME, MIXTURE_NAME, RunDir, as_run
 from . import FormatError
 
 MANIFEST_FORMAT = "tinyprep-manifest"
 MIXTURE_FORMAT = "tinyprep-mixture"
 MANIFEST_VERSION = 1
 MIXTURE_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-MIXTURE_NAME = "mixture.json"
 SPLITS = ("train", "validation")
 TOKEN_DTYPES = ("uint8", "uint16", "int16", "int32", "int64")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -129,11 +128,12 @@ def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n"
 
 
-def write_manifest(run_url: str, manifest: Manifest) -> bytes:
+def write_manifest(run: RunDir | str, manifest: Manifest) -> bytes:
     """Validate and write RUN/manifest.json atomically; return its bytes."""
+    url = as_run(run).manifest
     data = dumps(manifest.to_json())
-    parse_manifest(orjson.loads(data), storage.join(run_url, MANIFEST_NAME))  # never write an invalid one
-    storage.write_bytes(storage.join(run_url, MANIFEST_NAME), data)
+    parse_manifest(orjson.loads(data), url)  # never write an invalid one
+    storage.write_bytes(url, data)
     return data
 
 
@@ -260,20 +260,20 @@ def parse_manifest(data: Any, name: str = MANIFEST_NAME) -> Manifest:
                     source_totals(shards))
 
 
-def load_manifest(run_url: str) -> Manifest:
+def load_manifest(run: RunDir | str) -> Manifest:
     """Read and validate RUN/manifest.json."""
-    url = storage.join(run_url, MANIFEST_NAME)
+    url = as_run(run).manifest
     return parse_manifest(_parse_json(_read(url, "run the tokenize stage first"), url), url)
 
 
-def manifest_sha256(run_url: str) -> str:
-    return hashlib.sha256(_read(storage.join(run_url, MANIFEST_NAME), "run the tokenize stage first")).hexdigest()
+def manifest_sha256(run: RunDir | str) -> str:
+    return hashlib.sha256(_read(as_run(run).manifest, "run the tokenize stage first")).hexdigest()
 
 
-def shard_prefix(run_url: str, shard: ShardEntry | str) -> str:
+def shard_prefix(run: RunDir | str, shard: ShardEntry | str) -> str:
     """The URL of a shard's prefix (append .bin / .idx) inside the run directory."""
     path = shard.path if isinstance(shard, ShardEntry) else shard
-    return storage.join(run_url, safe_relative_path(path, "shard path"))
+    return as_run(run).relative(safe_relative_path(path, "shard path"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,10 +337,11 @@ def manifest_fingerprint(manifest: Manifest, weights: dict[str, float], seq_len:
     return mixture_fingerprint(train, weights, seq_len, seed)
 
 
-def write_mixture(run_url: str, mixture: Mixture) -> bytes:
+def write_mixture(run: RunDir | str, mixture: Mixture) -> bytes:
+    url = as_run(run).mixture
     data = dumps(mixture.to_json())
-    parse_mixture(orjson.loads(data), storage.join(run_url, MIXTURE_NAME))
-    storage.write_bytes(storage.join(run_url, MIXTURE_NAME), data)
+    parse_mixture(orjson.loads(data), url)
+    storage.write_bytes(url, data)
     return data
 
 
@@ -414,12 +415,12 @@ def check_mixture_against_manifest(mixture: Mixture, manifest: Manifest, manifes
         raise ManifestError(f"{name}: fingerprint: does not match the shards, weights, seq_len and seed")
 
 
-def load_mixture(run_url: str, check_manifest: bool = True) -> Mixture:
+def load_mixture(run: RunDir | str, check_manifest: bool = True) -> Mixture:
     """Read and validate RUN/mixture.json; with check_manifest, also against RUN/manifest.json."""
-    url = storage.join(run_url, MIXTURE_NAME)
+    url = as_run(run).mixture
     mixture = parse_mixture(_parse_json(_read(url, "run the mix stage first"), url), url)
     if check_manifest:
-        murl = storage.join(run_url, MANIFEST_NAME)
+        murl = as_run(run).manifest
         raw = _read(murl, "the mixture's manifest")
         manifest = parse_manifest(_parse_json(raw, murl), murl)
         check_mixture_against_manifest(mixture, manifest, raw, url)

@@ -16,7 +16,7 @@ import math
 from datetime import datetime
 from html import escape
 
-from ..recipe import STAGES
+from ..stage import STAGES
 from .histogram import bin_range
 
 PALETTE = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#EECA3B", "#9D755D", "#FF9DA6",

@@ -68,9 +68,10 @@ import yaml
 
 from .. import storage
 from ..formats import FormatError
-from ..formats.manifest import MANIFEST_NAME, MIXTURE_NAME, load_manifest, load_mixture, shard_prefix
+from ..formats.manifest import load_manifest, load_mixture, shard_prefix
 from ..formats.megatron import DTYPE_CODES, HEADER, MAGIC
-from ..recipe import STAGES
+from ..layout import MANIFEST_NAME, MIXTURE_NAME, RunDir, as_run
+from ..stage import STAGES
 from .histogram import BINS_PER_DOUBLING, EXACT_BELOW, LengthStats
 
 FORMAT = "tinyprep-stats"
@@ -121,9 +122,9 @@ def _read_json(url: str, problems: list[str]) -> Any:
         return None
 
 
-def _read_recipe(run_url: str, missing: list[str], problems: list[str]) -> dict | None:
+def _read_recipe(run: RunDir, missing: list[str], problems: list[str]) -> dict | None:
     """RUN/recipe.yaml as written by the runner (the resolved recipe), or None."""
-    url = storage.join(run_url, "recipe.yaml")
+    url = run.recipe
     try:
         data = yaml.safe_load(storage.read_bytes(url))
     except FileNotFoundError:
@@ -138,8 +139,8 @@ def _read_recipe(run_url: str, missing: list[str], problems: list[str]) -> dict 
     return data
 
 
-def _count_records(run_url: str, stage: str) -> int:
-    fs, root = storage.url_to_fs(storage.join(run_url, "tasks", stage))
+def _count_records(run: RunDir, stage: str) -> int:
+    fs, root = storage.url_to_fs(run.tasks(stage))
     try:
         return sum(1 for p in fs.find(root) if p.endswith(".json"))
     except FileNotFoundError:
@@ -150,15 +151,15 @@ def _count_records(run_url: str, stage: str) -> int:
 # Stages
 
 
-def _stages(run_url: str, recipe: dict | None, missing: list[str], problems: list[str]) -> tuple[dict, dict]:
+def _stages(run: RunDir, recipe: dict | None, missing: list[str], problems: list[str]) -> tuple[dict, dict]:
     """Status of every stage, and the merged stats of those that wrote them."""
     status: dict[str, dict] = {}
     stats: dict[str, dict] = {}
     planned = recipe["stages"] if recipe else list(STAGES)
     for stage in STAGES:
-        doc = _read_json(storage.join(run_url, "stats", f"{stage}.json"), problems)
+        doc = _read_json(run.stage_stats(stage), problems)
         if doc is None:
-            records = _count_records(run_url, stage)
+            records = _count_records(run, stage)
             if records:
                 status[stage] = {"status": "incomplete", "records": records}
                 missing.append(f"stage {stage}: stopped before its end ({records} task(s) finished, "
@@ -181,13 +182,13 @@ def _stages(run_url: str, recipe: dict | None, missing: list[str], problems: lis
     return status, stats
 
 
-def _issues(run_url: str, stages: dict) -> dict:
+def _issues(run: RunDir, stages: dict) -> dict:
     out = {}
     for stage, st in stages.items():
         if st["status"] in ("missing", "not_in_recipe"):
             continue
         try:
-            raw = storage.read_bytes(storage.join(run_url, "stats", f"{stage}.issues.jsonl"))
+            raw = storage.read_bytes(run.stage_issues(stage))
         except FileNotFoundError:
             continue
         issues = [orjson.loads(line) for line in raw.splitlines() if line.strip()]
@@ -198,8 +199,8 @@ def _issues(run_url: str, stages: dict) -> dict:
     return out
 
 
-def _timeline(run_url: str, problems: list[str]) -> dict:
-    runs = _read_json(storage.join(run_url, "stats", "timeline.json"), problems) or []
+def _timeline(run: RunDir, problems: list[str]) -> dict:
+    runs = _read_json(run.timeline, problems) or []
     stages = {}
     for entry in runs:  # the last run of a stage describes it (a resumed run counts skipped tasks)
         e = dict(entry)
@@ -246,9 +247,9 @@ def read_index(prefix_url: str, pointers: bool = True) -> tuple[np.dtype, np.nda
     return DTYPE_CODES[code], lengths, np.frombuffer(body, "<i8", n, 4 * n) if pointers else None
 
 
-def _shard_lengths(run_url: str, shard) -> tuple[LengthStats | None, str | None]:
+def _shard_lengths(run: RunDir, shard) -> tuple[LengthStats | None, str | None]:
     """A shard's document-length stats, or the reason they cannot be read / disagree with the manifest."""
-    prefix = shard_prefix(run_url, shard)
+    prefix = shard_prefix(run, shard)
     try:
         dtype, lengths, _ = read_index(prefix, pointers=False)
     except FormatError as e:
@@ -264,9 +265,9 @@ def _shard_lengths(run_url: str, shard) -> tuple[LengthStats | None, str | None]
     return stats, None
 
 
-def _lengths(run_url: str, manifest, problems: list[str], threads: int) -> dict[tuple[str, str], LengthStats]:
+def _lengths(run: RunDir, manifest, problems: list[str], threads: int) -> dict[tuple[str, str], LengthStats]:
     with ThreadPoolExecutor(max(1, threads)) as pool:  # many small reads: overlap their latency
-        results = list(pool.map(lambda s: _shard_lengths(run_url, s), manifest.shards))
+        results = list(pool.map(lambda s: _shard_lengths(run, s), manifest.shards))
     out: dict[tuple[str, str], LengthStats] = {}
     for shard, (stats, problem) in zip(manifest.shards, results):
         if problem:
@@ -456,49 +457,49 @@ def _clusters(dedup_stats: dict | None) -> dict:
 # The document
 
 
-def collect(run_url: str, lengths: bool = True, threads: int = 16) -> dict:
+def collect(run: RunDir | str, lengths: bool = True, threads: int = 16) -> dict:
     """The stats document of a run directory (see the module docstring); reads, never writes.
 
     `lengths=False` skips the shard indexes (document lengths and the per-shard checks).
     """
-    run_url = run_url.rstrip("/") or run_url
-    fs, root = storage.url_to_fs(run_url)
+    run = as_run(run)
+    fs, root = storage.url_to_fs(run.url)
     if not fs.isdir(root):
-        raise SummaryError(f"{run_url}: no such run directory")
+        raise SummaryError(f"{run}: no such run directory")
     missing: list[str] = []
     problems: list[str] = []
-    data = _read_recipe(run_url, missing, problems)
+    data = _read_recipe(run, missing, problems)
     recipe = None if data is None else {
         "name": data.get("name"), "stages": list(data.get("stages") or []),
         "sources": [s.get("name") for s in data.get("sources") or [] if isinstance(s, dict)]}
     mix_cfg = (data or {}).get("mix")
     max_epochs = mix_cfg.get("max_epochs") if isinstance(mix_cfg, dict) else None
-    stages, stats = _stages(run_url, recipe, missing, problems)
+    stages, stats = _stages(run, recipe, missing, problems)
     if recipe is None and not stats:
-        raise SummaryError(f"{run_url}: not a run directory (no recipe.yaml and no stats/)")
+        raise SummaryError(f"{run}: not a run directory (no recipe.yaml and no stats/)")
 
     manifest = mixture = None
-    if storage.exists(storage.join(run_url, MANIFEST_NAME)):
+    if storage.exists(run.manifest):
         try:
-            manifest = load_manifest(run_url)
+            manifest = load_manifest(run)
         except FormatError as e:
             problems.append(str(e))
     elif stages["tokenize"]["status"] != "not_in_recipe":
         missing.append(f"{MANIFEST_NAME}: the shards' manifest (written when tokenize finishes)")
-    if storage.exists(storage.join(run_url, MIXTURE_NAME)):
+    if storage.exists(run.mixture):
         try:
-            mixture = load_mixture(run_url, check_manifest=False)
+            mixture = load_mixture(run, check_manifest=False)
         except FormatError as e:
             problems.append(str(e))
         if mixture is not None and manifest is not None:
             try:
-                load_mixture(run_url, check_manifest=True)
+                load_mixture(run, check_manifest=True)
             except FormatError as e:
                 problems.append(str(e))
     elif stages["mix"]["status"] != "not_in_recipe":
         missing.append(f"{MIXTURE_NAME}: the mixture plan (written by the mix stage)")
 
-    shard_lengths = _lengths(run_url, manifest, problems, threads) if (lengths and manifest is not None) else None
+    shard_lengths = _lengths(run, manifest, problems, threads) if (lengths and manifest is not None) else None
     shard_counts: dict[str, dict[str, int]] = {}
     if manifest is not None:
         for name, per in manifest.sources.items():
@@ -523,7 +524,7 @@ def collect(run_url: str, lengths: bool = True, threads: int = 16) -> dict:
             problems.append(f"source {n}: read {node['docs']['read']} != accounted {node['accounting']['accounted']}")
 
     return {
-        "format": FORMAT, "version": VERSION, "run": run_url, "recipe": recipe,
+        "format": FORMAT, "version": VERSION, "run": run.url, "recipe": recipe,
         "stages": stages, "missing": missing, "problems": problems,
         "sources": sources, "totals": _totals(sources),
         "mixture": None if mixture is None else {
@@ -535,8 +536,8 @@ def collect(run_url: str, lengths: bool = True, threads: int = 16) -> dict:
         "shards": [] if manifest is None else [
             {"path": s.path, "source": s.source, "split": s.split, "docs": s.docs, "tokens": s.tokens,
              "bin_bytes": s.bin_bytes} for s in manifest.shards],
-        "issues": _issues(run_url, stages),
-        "timeline": _timeline(run_url, problems),
+        "issues": _issues(run, stages),
+        "timeline": _timeline(run, problems),
         "reference": {"slimpajama_dedup_bytes_rate": dict(SLIMPAJAMA_DEDUP_BYTES_RATE)},
         "length_bins": {"scheme": "integers below exact_below, then bins_per_doubling log-spaced bins "
                                   "[ceil(2**(k/bins_per_doubling)), ...)",

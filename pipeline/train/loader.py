@@ -28,8 +28,15 @@ import torch
 
 from .. import storage
 from ..formats import FormatError
-from ..formats.manifest import (MANIFEST_NAME, MIXTURE_NAME, Manifest, ManifestError, Mixture,
-                                check_mixture_against_manifest, parse_manifest, parse_mixture)
+from ..formats.manifest import (
+    Manifest,
+    ManifestError,
+    Mixture,
+    check_mixture_against_manifest,
+    parse_manifest,
+    parse_mixture,
+)
+from ..layout import as_run
 from .mixing import MixtureSchedule
 from .permutation import FeistelPermutation, derive_keys
 from .shards import ShardSet, SourceStream
@@ -115,7 +122,7 @@ def load_plan(run_url: str) -> tuple[Manifest, Mixture]:
         except orjson.JSONDecodeError as e:
             raise ManifestError(f"{url}: not valid JSON: {e}") from None
 
-    murl, xurl = storage.join(run_url, MANIFEST_NAME), storage.join(run_url, MIXTURE_NAME)
+    murl, xurl = as_run(run_url).manifest, as_run(run_url).mixture
     raw, data = read(murl, "tokenize")
     manifest = parse_manifest(data, murl)
     mixture = parse_mixture(read(xurl, "mix")[1], xurl)

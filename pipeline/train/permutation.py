@@ -15,19 +15,9 @@ import hashlib
 
 import numpy as np
 
+from ..hashing import splitmix64
+
 ROUNDS = 4
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer (a bijective avalanche of 64 bits), on uint64 arrays (wrapping)."""
-    x = (x ^ (x >> _S30)) * _M1
-    x = (x ^ (x >> _S27)) * _M2
-    return x ^ (x >> _S31)
-
-
 def derive_keys(*parts: object) -> np.ndarray:
     """ROUNDS 64-bit round keys from any printable parts (seed, source, epoch...)."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8 * ROUNDS).digest()
@@ -50,7 +40,7 @@ class FeistelPermutation:
     def _rounds(self, x: np.ndarray) -> np.ndarray:
         left, right = x >> self.half, x & self.mask
         for k in self.keys:
-            left, right = right, left ^ (_mix(right ^ k) & self.mask)
+            left, right = right, left ^ (splitmix64(right ^ k) & self.mask)
         return (left << self.half) | right
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ at most `max_open` open files (half the descriptor limit, up to 8192), the oldes
 from __future__ import annotations
 
 import os
+
 import numpy as np
 
 from .. import storage

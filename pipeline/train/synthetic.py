@@ -14,8 +14,14 @@ import numpy as np
 import orjson
 
 from .. import storage
-from ..formats.manifest import (Manifest, ShardEntry, TokenizerInfo, make_manifest, write_manifest,
-                                write_mixture)
+from ..formats.manifest import (
+    Manifest,
+    ShardEntry,
+    TokenizerInfo,
+    make_manifest,
+    write_manifest,
+    write_mixture,
+)
 from ..formats.megatron import MegatronWriter
 
 BOS, EOS = 1, 2

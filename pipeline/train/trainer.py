@@ -26,9 +26,17 @@ import torch.nn.functional as F
 from .. import storage
 from ..formats import FormatError
 from ..formats.manifest import Manifest, Mixture
+from ..layout import as_run
 from ..recipe import Recipe, TrainConfig
 from . import checkpoint
-from .distributed import DistEnv, RankFailed, default_nproc, launch, pick_device, under_launcher
+from .distributed import (
+    DistEnv,
+    RankFailed,
+    default_nproc,
+    launch,
+    pick_device,
+    under_launcher,
+)
 from .loader import HoldoutSet, MixtureLoader, check_world, load_plan
 from .metrics import MetricsLog, peak_flops
 from .model import LlamaConfig, model_config
@@ -90,7 +98,7 @@ def prepare(recipe: Recipe, nproc: int | None = None, fresh: bool = False) -> Tr
     if max_steps < 1:
         raise TrainError(f"the plan's {mixture.total_samples:,} samples make no global batch of "
                          f"{cfg.global_batch}; set train.max_steps or a larger mix.token_budget")
-    out_dir = storage.join(run_url, cfg.dir)
+    out_dir = as_run(run_url).train(cfg.dir)
     fs, out_path = storage.url_to_fs(out_dir)
     if not storage.is_local(fs):
         raise TrainError(f"{out_dir}: checkpoints and metrics need a local (or mounted) run directory")

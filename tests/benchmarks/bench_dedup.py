@@ -138,14 +138,15 @@ def make_recipe(corpus: str, run_dir: str, bands: int, rows: int):
     })
 
 
-def run_stage_inline(module, recipe, run_dir: str) -> int:
-    """Every phase's tasks, one after the other, in this process (what the runner does, minus Ray)."""
-    phase, n = None, 0
-    while (phase := module.next_phase(recipe, run_dir, phase)) is not None:
-        for task in module.plan(recipe, run_dir, phase):
-            module.run_task(task, recipe, run_dir)
-            n += 1
-    return n
+def run_stage_inline(name: str, recipe, run_dir: str) -> int:
+    """Every phase's tasks, one after the other, in this process (the runner with the in-process
+    executor); returns the number of tasks."""
+    from pipeline.executors import LocalExecutor
+    from pipeline.runner import run_stage
+
+    report = run_stage(LocalExecutor(), name, recipe, run_dir)
+    assert report.ok, report.failed
+    return report.tasks
 
 
 def docs_table(run_dir: str):
@@ -163,9 +164,7 @@ def docs_table(run_dir: str):
 def tinyprep_side(recipe, run_dir: str) -> set[int]:
     import pyarrow.parquet as pq
 
-    from pipeline import dedup
-
-    run_stage_inline(dedup, recipe, run_dir)
+    run_stage_inline("dedup", recipe, run_dir)
     removed: set[int] = set()
     for p in Path(run_dir, "dedup", "removed").rglob("*.parquet"):
         removed.update(pq.read_table(p, columns=["id"]).column("id").to_pylist())
@@ -174,8 +173,13 @@ def tinyprep_side(recipe, run_dir: str) -> set[int]:
 
 def datatrove_side(run_dir: str, work: str) -> set[int]:
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                                  MinhashDedupFilter, MinhashDedupSignature)
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
     from datatrove.pipeline.readers import ParquetReader
     from datatrove.pipeline.writers import JsonlWriter
 
@@ -208,9 +212,8 @@ def datatrove_side(run_dir: str, work: str) -> set[int]:
 
 def _patch_datatrove_xxhash() -> None:
     """datatrove 0.10.1 passes str to xxhash, which xxhash >= 4 refuses: encode first (as xxhash 3 did in C)."""
-    import xxhash
-
     import datatrove.utils.hashes.xxhash as dt_xxhash
+    import xxhash
 
     def xxhash64(data, _h=xxhash.xxh64_intdigest):
         return _h(data.encode("utf-8") if isinstance(data, str) else data)
@@ -224,7 +227,7 @@ def _patch_datatrove_xxhash() -> None:
 def rensa_side(run_dir: str, bands: int, threshold: float = 0.8) -> set[int]:
     from rensa import RMinHash, RMinHashLSH
 
-    from pipeline.sample import slimpajama_normalize
+    from pipeline.text import slimpajama_normalize
 
     table = docs_table(run_dir)
     ids = table.column("id").to_pylist()
@@ -288,16 +291,13 @@ def quality(removed: set[int], truth: dict, id_of) -> dict:
 
 def run_benchmark(mb: float = 40, files: int = 8, pairs: int = 300, bands: int = 21, rows: int = 6,
                   rensa_bands: int = 32, skip_datatrove: bool = False) -> dict:
-    from pipeline import ingest
-
     results: dict = {"python": sys.version.split()[0]}
     with tempfile.TemporaryDirectory(prefix="bench_dedup_") as tmp:
         corpus, run_dir = os.path.join(tmp, "corpus"), os.path.join(tmp, "run")
         t0 = time.perf_counter()
         truth = generate_corpus(corpus, mb=mb, files=files, pairs=pairs)
         recipe = make_recipe(corpus, run_dir, bands, rows)
-        for task in ingest.plan(recipe, run_dir):
-            ingest.run_task(task, recipe, run_dir)
+        run_stage_inline("ingest", recipe, run_dir)
         table = docs_table(run_dir)
         text_mb = sum(len(t.encode("utf-8")) for t in table.column("text").to_pylist()) / 1e6
         loc = {(f, r): i for i, f, r in zip(table.column("id").to_pylist(), table.column("file").to_pylist(),

@@ -203,6 +203,7 @@ def measure(make_iter, seconds: float, runs: int) -> float:
 
 def memmap_batches(run_dir: str):
     import torch
+
     from pipeline.formats.megatron import MegatronReader
 
     tokens = MegatronReader(os.path.join(run_dir, "shards/slimpajama/train/00000")).tokens

@@ -52,8 +52,8 @@ def build_docs(run: Path, mb: float, files: int = 4, seed: int = 0) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import zstandard
-
     from bench_ingest import stdlib_docstrings
+
     from pipeline.ingest import SCHEMA, _document_ids
 
     rng = random.Random(seed)

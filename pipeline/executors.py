@@ -1,0 +1,116 @@
+"""Executors run a stage's tasks: on Ray (a local embedded Ray or a cluster), or in this process.
+
+Both have one interface, used by `runner.run_stage`: `cpus` (what the cluster offers), `submit(
+stage, task, recipe, run, attempt, cpus_per_task)` returning a handle, and `wait(handles, timeout)`
+returning `(handle, record or exception)` pairs for the tasks that ended. Retries, backoff,
+completion records and progress live in the runner, once for both.
+
+This is the only module that imports Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .faults import FAULTS_ENV
+from .layout import RunDir
+from .recipe import Recipe
+from .stage import Task
+
+log = logging.getLogger("tinyprep")
+
+FORWARDED_ENV = (FAULTS_ENV,)  # what tasks read from the environment, forwarded to cluster workers
+
+
+class LocalExecutor:
+    """Runs each task when it is submitted, in this process: for tests, benchmarks and `plan`."""
+
+    def __init__(self, cpus: int = 1):
+        self.cpus = cpus
+        self._done: dict[int, Any] = {}
+        self._next = 0
+
+    def submit(self, stage: str, task: Task, recipe: Recipe, run: RunDir, attempt: int, cpus_per_task: int) -> int:
+        from .runner import execute_task
+
+        handle = self._next
+        self._next += 1
+        try:
+            self._done[handle] = execute_task(task, recipe, run, attempt)
+        except Exception as err:  # noqa: BLE001 - handed to the runner's retry logic
+            self._done[handle] = err
+        return handle
+
+    def wait(self, handles: list[int], timeout: float) -> list[tuple[int, Any]]:
+        return [(h, self._done.pop(h)) for h in handles if h in self._done]
+
+    def close(self) -> None:
+        self._done.clear()
+
+
+def _execute_on_node(task: Task, recipe: Recipe, run: RunDir, attempt: int) -> dict:
+    import ray
+
+    from .runner import execute_task
+
+    return execute_task(task, recipe, run, attempt, ray.get_runtime_context().get_node_id())
+
+
+class RayExecutor:
+    """Tasks as Ray tasks on an embedded local Ray (`workers` CPUs) or the cluster at `address`."""
+
+    def __init__(self, recipe: Recipe, workers: int | None = None):
+        import ray
+
+        self.ray = ray
+        self.owned = False
+        if not ray.is_initialized():
+            self._init(recipe, workers)
+            self.owned = True
+        self.cpus = int(ray.cluster_resources().get("CPU", 1))
+        self._remote: dict[int, Any] = {}
+        self._recipe_ref: tuple[Recipe, Any] | None = None
+
+    def _init(self, recipe: Recipe, workers: int | None) -> None:
+        ray = self.ray
+        address = recipe.ray.address or os.environ.get("RAY_ADDRESS")
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+        if address:
+            # On a cluster the workers' environment is not ours: forward what the tasks read.
+            if env:
+                kwargs["runtime_env"] = {"env_vars": env}
+            ray.init(address=address, **kwargs)
+            log.info("connected to Ray cluster at %s (%s CPUs)", address, ray.cluster_resources().get("CPU"))
+        else:
+            cpus = workers or recipe.ray.num_cpus or os.cpu_count() or 1
+            # Ray carries task descriptions and small results only: a small object store starts faster.
+            # address="local": always a new cluster, never one that happens to run on this machine.
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=128 << 20,
+                     **kwargs)
+            log.info("started an embedded local Ray with %d CPUs", cpus)
+
+    def submit(self, stage: str, task: Task, recipe: Recipe, run: RunDir, attempt: int, cpus_per_task: int):
+        remote = self._remote.get(cpus_per_task)
+        if remote is None:
+            remote = self._remote[cpus_per_task] = self.ray.remote(num_cpus=cpus_per_task, max_retries=0)(
+                _execute_on_node)
+        if self._recipe_ref is None or self._recipe_ref[0] is not recipe:
+            self._recipe_ref = (recipe, self.ray.put(recipe))
+        return remote.remote(task, self._recipe_ref[1], run, attempt)
+
+    def wait(self, handles: list, timeout: float) -> list[tuple[Any, Any]]:
+        done, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
+        out = []
+        for ref in done:
+            try:
+                out.append((ref, self.ray.get(ref)))
+            except Exception as err:  # noqa: BLE001 - the task raised, or its worker died
+                out.append((ref, err))
+        return out
+
+    def close(self) -> None:
+        if self.owned:
+            self.ray.shutdown()

@@ -1,0 +1,185 @@
+"""The run directory: every path under a run, in one place.
+
+A run directory is any fsspec URL (local by default). Nothing outside this module joins paths
+under a run; stages, tools and the trainer ask a `RunDir` for them:
+
+    RUN/recipe.yaml                  resolved copy of the recipe (what actually ran)
+    RUN/inputs/<source>.json         the source's input listing, made once per run
+    RUN/raw/<source>/<rel>           downloaded inputs
+    RUN/docs/<source>/<rel>.parquet  ingested documents, one file per input (or row-group range)
+    RUN/dedup/...                    layout, signatures, buckets, components, removed/<source>/<rel>
+    RUN/tokenize/...                 holdout digests, shard groups, per-task shard lists
+    RUN/tokenizer.model              a tokenizer the tokenize stage trained
+    RUN/shards/<source>/<split>/*.bin|*.idx
+    RUN/manifest.json, RUN/mixture.json
+    RUN/tasks/<stage>/<task>.json    completion records
+    RUN/stats/<stage>.json, <stage>.issues.jsonl, timeline.json
+    RUN/logs/<time>-<pid>-run.log
+    RUN/<train.dir>/...              checkpoints and metrics of `tinyprep train`
+
+Temporary names (atomic commits) and file-version stamps come from `storage`; listings here skip
+temporaries, so a killed writer's leftovers are never read as outputs.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+from . import storage
+
+MANIFEST_NAME = "manifest.json"
+MIXTURE_NAME = "mixture.json"
+RUN_TOKENIZER = "tokenizer.model"  # where a tokenizer trained by the tokenize stage goes
+
+
+@dataclass(frozen=True)
+class DocsFile:
+    """One ingested docs file: RUN/docs/<source>/<rel>."""
+
+    source: str
+    rel: str  # relative to RUN/docs/<source>/
+    url: str
+    version: str  # storage.file_stamp of the file: changes when the file is rewritten
+
+
+class RunDir:
+    """The paths of one run directory (a URL; nothing is created until written)."""
+
+    def __init__(self, url: str):
+        self.url = str(url).rstrip("/") or str(url)
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.url!r})"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RunDir) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def _join(self, *parts: str) -> str:
+        return storage.join(self.url, *parts)
+
+    def relative(self, path: str) -> str:
+        """A run-relative path (as the manifest records them) as a URL."""
+        return self._join(path)
+
+    # -- the recipe, inputs and raw copies ------------------------------------------------------
+
+    @property
+    def recipe(self) -> str:
+        return self._join("recipe.yaml")
+
+    def inputs_listing(self, source: str) -> str:
+        return self._join("inputs", f"{source}.json")
+
+    def raw(self, source: str, rel_path: str) -> str:
+        """Where the download stage puts a source's file."""
+        return self._join("raw", source, rel_path)
+
+    # -- documents ------------------------------------------------------------------------------
+
+    def docs_root(self, source: str | None = None) -> str:
+        return self._join("docs", source) if source else self._join("docs")
+
+    def docs(self, source: str, rel: str) -> str:
+        """An ingested docs file by its path under RUN/docs/<source>/."""
+        return self._join("docs", source, rel)
+
+    def docs_files(self, source: str) -> list[DocsFile]:
+        """The source's docs files (RUN/docs/<source>/**.parquet, temporaries skipped), sorted."""
+        return [DocsFile(source, rel, self.docs(source, rel), storage.file_stamp(info))
+                for rel, info in self.find(self.docs_root(source), suffix=".parquet")]
+
+    def all_docs_files(self) -> list[DocsFile]:
+        """Every docs file of the run (RUN/docs/<source>/**.parquet), sorted by path."""
+        out = []
+        for rel, info in self.find(self.docs_root(), suffix=".parquet"):
+            source, _, rest = rel.partition("/")
+            out.append(DocsFile(source, rest, self.docs(source, rest), storage.file_stamp(info)))
+        return out
+
+    def find(self, root_url: str, suffix: str = "") -> list[tuple[str, dict]]:
+        """(path relative to root_url, fsspec info) of every committed file below it, sorted."""
+        fs, root = storage.url_to_fs(root_url)
+        try:
+            found = fs.find(root, detail=True)
+        except FileNotFoundError:
+            return []
+        out = []
+        for path, info in found.items():
+            name = path.rsplit("/", 1)[-1]
+            if storage.is_temporary(name) or not name.endswith(suffix):
+                continue
+            out.append((posixpath.relpath(path, root), info))
+        return sorted(out, key=lambda p: p[0])
+
+    # -- dedup, tokenize ------------------------------------------------------------------------
+
+    def dedup(self, *parts: str) -> str:
+        return self._join("dedup", *parts)
+
+    def removed(self, source: str, docs_rel: str) -> str:
+        """The dedup removal list of the docs file RUN/docs/<source>/<docs_rel>."""
+        return self.dedup("removed", source, docs_rel)
+
+    def tokenize(self, *parts: str) -> str:
+        return self._join("tokenize", *parts)
+
+    @property
+    def trained_tokenizer(self) -> str:
+        return self._join(RUN_TOKENIZER)
+
+    # -- shards, manifest, mixture --------------------------------------------------------------
+
+    @property
+    def shards_root(self) -> str:
+        return self._join("shards")
+
+    @staticmethod
+    def shard_path(source: str, split: str, group: int, part: int) -> str:
+        """A shard's prefix relative to the run (as manifest.json records it)."""
+        return f"shards/{source}/{split}/{group:06d}-{part:04d}"
+
+    @property
+    def manifest(self) -> str:
+        return self._join(MANIFEST_NAME)
+
+    @property
+    def mixture(self) -> str:
+        return self._join(MIXTURE_NAME)
+
+    # -- the runner's records, stats and logs ---------------------------------------------------
+
+    def tasks(self, stage: str) -> str:
+        return self._join("tasks", stage)
+
+    def record(self, stage: str, task_id: str) -> str:
+        return self._join("tasks", stage, task_id + ".json")
+
+    def stage_stats(self, stage: str) -> str:
+        return self._join("stats", f"{stage}.json")
+
+    def stage_issues(self, stage: str) -> str:
+        return self._join("stats", f"{stage}.issues.jsonl")
+
+    @property
+    def timeline(self) -> str:
+        return self._join("stats", "timeline.json")
+
+    def log(self, name: str) -> str:
+        return self._join("logs", name)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def train(self, train_dir: str, *parts: str) -> str:
+        return self._join(train_dir, *parts)
+
+
+def as_run(run: RunDir | str) -> RunDir:
+    """A RunDir from a RunDir or a URL (for the public functions that accept either)."""
+    return run if isinstance(run, RunDir) else RunDir(run)
