@@ -1,7 +1,8 @@
 """Executors run a stage's tasks: on Ray (a local embedded Ray or a cluster), or in this process.
 
 Both have one interface, used by `runner.run_stage`: `cpus` (what the cluster offers), `submit(
-stage, task, recipe, run, attempt, cpus_per_task)` returning a handle, and `wait(handles, timeout)`
+stage, task, recipe, run, attempt, cpus_per_task)` returning a handle (the Stage object travels
+with the task: it is small and stateless), and `wait(handles, timeout)`
 returning `(handle, record or exception)` pairs for the tasks that ended. Retries, backoff,
 completion records and progress live in the runner, once for both.
 
@@ -17,7 +18,7 @@ from typing import Any
 from .faults import FAULTS_ENV
 from .layout import RunDir
 from .recipe import Recipe
-from .stage import Task
+from .stage import Stage, Task
 
 log = logging.getLogger("tinyprep")
 
@@ -32,13 +33,13 @@ class LocalExecutor:
         self._done: dict[int, Any] = {}
         self._next = 0
 
-    def submit(self, stage: str, task: Task, recipe: Recipe, run: RunDir, attempt: int, cpus_per_task: int) -> int:
+    def submit(self, stage: Stage, task: Task, recipe: Recipe, run: RunDir, attempt: int, cpus_per_task: int) -> int:
         from .runner import execute_task
 
         handle = self._next
         self._next += 1
         try:
-            self._done[handle] = execute_task(task, recipe, run, attempt)
+            self._done[handle] = execute_task(stage, task, recipe, run, attempt)
         except Exception as err:  # noqa: BLE001 - handed to the runner's retry logic
             self._done[handle] = err
         return handle
@@ -50,12 +51,12 @@ class LocalExecutor:
         self._done.clear()
 
 
-def _execute_on_node(task: Task, recipe: Recipe, run: RunDir, attempt: int) -> dict:
+def _execute_on_node(stage: Stage, task: Task, recipe: Recipe, run: RunDir, attempt: int) -> dict:
     import ray
 
     from .runner import execute_task
 
-    return execute_task(task, recipe, run, attempt, ray.get_runtime_context().get_node_id())
+    return execute_task(stage, task, recipe, run, attempt, ray.get_runtime_context().get_node_id())
 
 
 class RayExecutor:
@@ -92,14 +93,14 @@ class RayExecutor:
                      **kwargs)
             log.info("started an embedded local Ray with %d CPUs", cpus)
 
-    def submit(self, stage: str, task: Task, recipe: Recipe, run: RunDir, attempt: int, cpus_per_task: int):
+    def submit(self, stage: Stage, task: Task, recipe: Recipe, run: RunDir, attempt: int, cpus_per_task: int):
         remote = self._remote.get(cpus_per_task)
         if remote is None:
             remote = self._remote[cpus_per_task] = self.ray.remote(num_cpus=cpus_per_task, max_retries=0)(
                 _execute_on_node)
         if self._recipe_ref is None or self._recipe_ref[0] is not recipe:
             self._recipe_ref = (recipe, self.ray.put(recipe))
-        return remote.remote(task, self._recipe_ref[1], run, attempt)
+        return remote.remote(stage, task, self._recipe_ref[1], run, attempt)
 
     def wait(self, handles: list, timeout: float) -> list[tuple[Any, Any]]:
         done, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)

@@ -39,11 +39,11 @@ from .stats import merge_all
 log = logging.getLogger("tinyprep")
 
 
-def execute_task(task: Task, recipe: Recipe, run: RunDir, attempt: int, node_id: str = "") -> dict:
+def execute_task(stage: Stage, task: Task, recipe: Recipe, run: RunDir, attempt: int, node_id: str = "") -> dict:
     """Run one task and write its completion record. Plain function: executors call it."""
     inject(task.stage, task.id, attempt, late=False)
     t0 = time.time()
-    result = get_stage(task.stage).run_task(task, recipe, run)
+    result = stage.run_task(task, recipe, run)
     if not isinstance(result, TaskResult):
         raise TypeError(f"{task.stage}.run_task returned {type(result).__name__}, not TaskResult")
     inject(task.stage, task.id, attempt, late=True)
@@ -185,7 +185,7 @@ def _run_tasks(executor, stage: Stage, label: str, todo: list[Task], recipe: Rec
         for i in reversed(take):
             queue.pop(i)
         for _, attempt, task in picked:
-            inflight[executor.submit(stage.name, task, recipe, run, attempt, cpus_per_task)] = (attempt, task)
+            inflight[executor.submit(stage, task, recipe, run, attempt, cpus_per_task)] = (attempt, task)
         if not inflight:
             time.sleep(min(0.2, max(0.0, min(nb for nb, _, _ in queue) - now)))
             continue
