@@ -50,12 +50,18 @@ def main(verbose: bool) -> None:
 @click.option("--workers", type=click.IntRange(min=1), help="CPUs of the embedded local Ray (default: all).")
 def run(recipe: str, output: str | None, stages: str | None, overrides: tuple[str, ...], workers: int | None) -> None:
     """Run a recipe's stages on Ray (embedded local Ray unless RAY_ADDRESS is set)."""
+    from .faults import FaultRuleError, parse_faults
+    from .layout import RunDir, RunDirError
     from .runner import run_recipe
     from .stage import StageFailed
 
+    if output is not None and not output.strip():
+        _fail("--output: must not be empty", 2)
     try:
         r = load_recipe(recipe, list(overrides), output)
-    except RecipeError as e:
+        parse_faults()
+        RunDir(r.output).claim()
+    except (RecipeError, FaultRuleError, RunDirError) as e:
         _fail(str(e), 2)
     wanted = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     try:
@@ -63,7 +69,7 @@ def run(recipe: str, output: str | None, stages: str | None, overrides: tuple[st
     except StageFailed as e:
         _print_summary(r.output)
         _fail(str(e))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, RunDirError) as e:
         _fail(str(e))
     _print_summary(r.output)
 

@@ -17,12 +17,19 @@ FAULTS_ENV = "TINYPREP_FAULTS"
 _MODES = ("raise", "exit", "raise-late", "exit-late", "hang", "slow")
 
 
+class FaultRuleError(ValueError):
+    """TINYPREP_FAULTS holds a rule that is not STAGE:TASK_GLOB:MODE[:TIMES]."""
+
+
 def parse_faults() -> list[tuple[str, str, str, int | None]]:
+    """The rules of TINYPREP_FAULTS; FaultRuleError names a malformed one (checked before a run)."""
     rules = []
     for rule in filter(None, (r.strip() for r in os.environ.get(FAULTS_ENV, "").split(";"))):
         parts = rule.split(":")
-        if len(parts) not in (3, 4) or parts[2] not in _MODES:
-            raise ValueError(f"{FAULTS_ENV}: bad rule {rule!r}; expected STAGE:TASK_GLOB:MODE[:TIMES]")
+        times_ok = len(parts) == 3 or (len(parts) == 4 and (parts[3] == "*" or parts[3].isdigit()))
+        if len(parts) not in (3, 4) or parts[2] not in _MODES or not times_ok:
+            raise FaultRuleError(f"{FAULTS_ENV}: bad rule {rule!r}; expected STAGE:TASK_GLOB:MODE[:TIMES] with "
+                                 f"MODE one of {', '.join(_MODES)} and TIMES a number or *")
         times = None if len(parts) == 4 and parts[3] == "*" else int(parts[3]) if len(parts) == 4 else 1
         rules.append((parts[0], parts[1], parts[2], times))
     return rules

@@ -7,9 +7,13 @@ stores the listing in RUN/inputs/<source>.json and later stages read it back.
 from __future__ import annotations
 
 from . import storage
-from .layout import RunDir
+from .layout import RunDir, RunDirError, contained
 from .recipe import SourceConfig
 from .stage import fingerprint
+
+
+class InputListingError(RunDirError):
+    """Two inputs of a source would share one place under the run (one line, names both)."""
 
 
 def _listing_key(src: SourceConfig) -> str:
@@ -42,5 +46,9 @@ def expand_source(src: SourceConfig) -> list[storage.InputFile]:
             )
     seen: dict[str, storage.InputFile] = {}
     for f in files:
-        seen.setdefault(f.rel_path, f)
+        contained(f.rel_path, f"source {src.name}: input {f.url}")
+        other = seen.setdefault(f.rel_path, f)
+        if other.url != f.url:
+            raise InputListingError(f"source {src.name}: {other.url} and {f.url} both sit at {f.rel_path!r} under "
+                                    f"the source's root; give them separate sources (or one glob over a common root)")
     return [seen[k] for k in sorted(seen)]

@@ -19,11 +19,19 @@ under a run; stages, tools and the trainer ask a `RunDir` for them:
 
 Temporary names (atomic commits) and file-version stamps come from `storage`; listings here skip
 temporaries, so a killed writer's leftovers are never read as outputs.
+
+Containment: every part of a path that comes from input (an input's path under its source root,
+a docs file's name, `train.dir`) must be a normalized relative path; anything with `..`, an
+absolute path or a URL is refused with `RunDirError`, so nothing the input says can place a file
+outside the run. A run directory is marked at creation (`RUN/.tinyprep-run`); the runner cleans
+up only inside a marked run, and only temporaries of its own naming.
 """
 
 from __future__ import annotations
 
 import posixpath
+import re
+import time
 from dataclasses import dataclass
 
 from . import storage
@@ -31,6 +39,23 @@ from . import storage
 MANIFEST_NAME = "manifest.json"
 MIXTURE_NAME = "mixture.json"
 RUN_TOKENIZER = "tokenizer.model"  # where a tokenizer trained by the tokenize stage goes
+MARKER_NAME = ".tinyprep-run"  # written when a run directory is created
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class RunDirError(ValueError):
+    """A path would leave the run directory, or the output is not a run directory (one line)."""
+
+
+def contained(path: str, what: str) -> str:
+    """`path` if it is a normalized relative path that stays below its root, else RunDirError."""
+    if not isinstance(path, str) or not path:
+        raise RunDirError(f"{what}: must be a non-empty relative path, got {path!r}")
+    if "://" in path or path.startswith(("/", "\\", "~")) or _DRIVE.match(path) or "\\" in path or "\x00" in path:
+        raise RunDirError(f"{what}: {path!r} is not a path relative to the run directory")
+    if any(p in ("", ".", "..") for p in path.split("/")):
+        raise RunDirError(f"{what}: {path!r} escapes the run directory or is not normalized")
+    return path
 
 
 @dataclass(frozen=True)
@@ -79,7 +104,7 @@ class RunDir:
 
     def raw(self, source: str, rel_path: str) -> str:
         """Where the download stage puts a source's file."""
-        return self._join("raw", source, rel_path)
+        return self._join("raw", contained(source, "source"), contained(rel_path, f"source {source}: input path"))
 
     # -- documents ------------------------------------------------------------------------------
 
@@ -88,7 +113,7 @@ class RunDir:
 
     def docs(self, source: str, rel: str) -> str:
         """An ingested docs file by its path under RUN/docs/<source>/."""
-        return self._join("docs", source, rel)
+        return self._join("docs", contained(source, "source"), contained(rel, f"source {source}: docs file"))
 
     def docs_files(self, source: str) -> list[DocsFile]:
         """The source's docs files (RUN/docs/<source>/**.parquet, temporaries skipped), sorted."""
@@ -125,7 +150,7 @@ class RunDir:
 
     def removed(self, source: str, docs_rel: str) -> str:
         """The dedup removal list of the docs file RUN/docs/<source>/<docs_rel>."""
-        return self.dedup("removed", source, docs_rel)
+        return self.dedup("removed", contained(source, "source"), contained(docs_rel, f"source {source}: docs file"))
 
     def tokenize(self, *parts: str) -> str:
         return self._join("tokenize", *parts)
@@ -177,7 +202,36 @@ class RunDir:
     # -- training -------------------------------------------------------------------------------
 
     def train(self, train_dir: str, *parts: str) -> str:
-        return self._join(train_dir, *parts)
+        return self._join(contained(train_dir, "train.dir"), *parts)
+
+    # -- the marker -----------------------------------------------------------------------------
+
+    @property
+    def marker(self) -> str:
+        return self._join(MARKER_NAME)
+
+    def is_marked(self) -> bool:
+        return storage.exists(self.marker)
+
+    def claim(self) -> None:
+        """Make sure this is a run directory we may write and clean: mark a new (or empty) one,
+        accept a marked one or one an earlier version of tinyprep wrote (recipe.yaml and tasks/),
+        refuse anything else with RunDirError (a user's directory is never written into)."""
+        if not self.url:
+            raise RunDirError("output: the run directory must not be empty")
+        if self.is_marked():
+            return
+        fs, path = storage.url_to_fs(self.url)
+        if fs.exists(path):
+            if not fs.isdir(path):
+                raise RunDirError(f"{self.url}: exists and is not a directory")
+            entries = fs.ls(path, detail=False)
+            legacy = storage.exists(self.recipe) and storage.exists(self._join("tasks"))
+            if entries and not legacy:
+                raise RunDirError(f"{self.url}: not empty and not a tinyprep run directory (no {MARKER_NAME}); "
+                                  f"choose a new or empty output directory")
+        storage.write_json(self.marker, {"format": "tinyprep-run", "version": 1,
+                                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
 def as_run(run: RunDir | str) -> RunDir:

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import orjson
 
 from . import storage
-from .faults import inject
+from .faults import inject, parse_faults
 from .layout import RunDir
 from .progress import StageProgress, fmt_duration
 from .recipe import Recipe
@@ -263,9 +263,10 @@ def issue_summary(run: RunDir, stage: str, limit: int = 10) -> list[str]:
 
 
 def _remove_stale_temporaries(run: RunDir) -> None:
-    """Temp files of a killed run (atomic commits that never renamed). One run per directory."""
+    """Temp files of a killed run (atomic commits that never renamed), in a marked run directory
+    only and by their exact name pattern: nothing else is ever deleted. One run per directory."""
     fs, root = storage.url_to_fs(run.url)
-    if not storage.is_local(fs) or not fs.exists(root):
+    if not storage.is_local(fs) or not run.is_marked():
         return
     stale = [p for p in fs.find(root) if storage.is_temporary(p)]
     for p in stale:
@@ -301,7 +302,9 @@ def run_recipe(recipe: Recipe, stages: list[str] | None = None, workers: int | N
     The executor defaults to Ray (embedded, or the cluster of `RAY_ADDRESS` / `ray.address`).
     """
     order = stage_order(stages or recipe.stages)
+    parse_faults()  # a malformed rule is refused before anything runs
     run = RunDir(recipe.output)
+    run.claim()
     storage.write_bytes(run.recipe, recipe.to_yaml().encode())
     _remove_stale_temporaries(run)
     runlog = _RunLog(run)

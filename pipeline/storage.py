@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import asdict, dataclass
 from typing import IO, Any, Iterator
@@ -21,7 +22,8 @@ import orjson
 from fsspec.core import url_to_fs as _url_to_fs
 
 _GLOB_CHARS = "*?["
-_TEMP_MARK = ".tmp-"  # <name>.tmp-<random>: an atomic commit in progress (or a killed one)
+_TEMP_MARK = ".tmp-"  # <name>.tmp-<12 hex>: an atomic commit in progress (or a killed one)
+_TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{12}$")
 
 
 def temp_name(path: str) -> str:
@@ -30,8 +32,8 @@ def temp_name(path: str) -> str:
 
 
 def is_temporary(name: str) -> bool:
-    """True for a file name written by an atomic commit that has not (yet) been renamed."""
-    return _TEMP_MARK in name.rsplit("/", 1)[-1]
+    """True for a file name of exactly the form an atomic commit writes before its rename."""
+    return _TEMP_NAME.search(name.rsplit("/", 1)[-1]) is not None
 
 
 def _modified(info: dict):
@@ -217,7 +219,7 @@ def expand_urls(patterns: list[str]) -> list[InputFile]:
 
     Raises FileNotFoundError naming the pattern when one matches nothing.
     """
-    out: dict[str, InputFile] = {}
+    out: dict[str, InputFile] = {}  # by URL
     for pattern in patterns:
         proto, _ = split_protocol(pattern)
         fs, path = url_to_fs(pattern)
@@ -239,8 +241,8 @@ def expand_urls(patterns: list[str]) -> list[InputFile]:
             raise FileNotFoundError(f"{pattern}: matches no file")
         for info in infos:
             f = _info_to_input(fs, proto, root_path, info)
-            out.setdefault(f.rel_path, f)
-    return [out[k] for k in sorted(out)]
+            out.setdefault(f.url, f)  # overlapping globs: one file once; two files, one rel_path: both
+    return sorted(out.values(), key=lambda f: (f.rel_path, f.url))
 
 
 def expand_url_list(list_url: str, match: str | None) -> list[InputFile]:
