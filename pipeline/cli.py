@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -29,14 +30,39 @@ def _fail(msg: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _one_line(err: BaseException) -> str:
+    """An unexpected error as one line: what failed and where, without the traceback."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror}"
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class _Main(click.Group):
+    """Every command's failure is one line and an exit code (1), never a traceback unless --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as err:  # noqa: BLE001 - the last resort: known errors are handled per command
+            if ctx.params.get("debug") or os.environ.get("TINYPREP_DEBUG"):
+                raise
+            _fail(f"{_one_line(err)} (run with --debug for the traceback)")
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tinyprep")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error.")
+def main(verbose: bool, debug: bool) -> None:
     """tinyprep: download, ingest, dedupe, tokenize and pack pretraining corpora on Ray.
 
     A run is described by a recipe (YAML); every stage writes into the run directory
     (`output` in the recipe, any fsspec URL) and can be resumed by running the same command again.
+    Every failure is one line and exit code 1 (2 for a usage error); --debug shows the traceback.
     """
     _setup_logging(verbose)
 

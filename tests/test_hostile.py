@@ -123,3 +123,18 @@ def test_paths_from_input_cannot_leave_the_run(path, tmp_path):
                  lambda: run.train(path)):
         with pytest.raises(RunDirError):
             make()
+
+
+def test_an_unexpected_os_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    recipe = _recipe(tmp_path)
+    proc = tinyprep("validate", str(recipe), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "run").mkdir()
+    RunDir(str(tmp_path / "run")).claim()
+    (tmp_path / "run" / "recipe.yaml").write_text("name: x\nstages: [ingest]\n")
+    proc = tinyprep("stats", str(tmp_path / "run"), "-o", str(blocker / "stats.json"), cwd=tmp_path)
+    line = _one_line_error(proc, 1, "a-file", "File exists", "--debug")
+    proc = tinyprep("--debug", "stats", str(tmp_path / "run"), "-o", str(blocker / "stats.json"), cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and line not in proc.stderr
