@@ -90,8 +90,14 @@ class RunDir:
         return storage.join(self.url, *parts)
 
     def relative(self, path: str) -> str:
-        """A run-relative path (as the manifest records them) as a URL."""
-        return self._join(path)
+        """A run-relative path (as the manifest and the completion records keep them) as a URL;
+        a URL or absolute path (an output outside the run) is returned as it is."""
+        return path if "://" in path or path.startswith("/") else self._join(path)
+
+    def to_relative(self, url: str) -> str:
+        """A URL under the run as a run-relative path (a moved or copied run still resolves it)."""
+        prefix = self.url + "/"
+        return url[len(prefix):] if url.startswith(prefix) else url
 
     # -- the recipe, inputs and raw copies ------------------------------------------------------
 

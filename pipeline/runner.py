@@ -59,7 +59,9 @@ def execute_task(stage: Stage, task: Task, recipe: Recipe, run: RunDir, attempt:
         "node_id": node_id,
         "pid": os.getpid(),
     }
-    storage.write_json(run.record(task.stage, task.id), record)
+    # on disk, outputs are relative to the run: a moved or copied run directory still finds them
+    storage.write_json(run.record(task.stage, task.id),
+                       dict(record, outputs=[run.to_relative(o) for o in result.outputs]))
     return record
 
 
@@ -102,7 +104,8 @@ def _existing_records(run: RunDir, stage: str, tasks: list[Task]) -> dict[str, d
             continue  # a torn record (cannot happen with atomic commits, but be safe): redo the task
         if not rec or rec.get("fingerprint") != t.fingerprint:
             continue
-        if local and not all(os.path.exists(storage.url_to_fs(o)[1]) for o in rec.get("outputs", [])):
+        rec["outputs"] = [run.relative(o) for o in rec.get("outputs", [])]
+        if local and not all(os.path.exists(storage.url_to_fs(o)[1]) for o in rec["outputs"]):
             continue
         done[t.id] = rec
     return done

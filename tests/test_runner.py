@@ -136,3 +136,24 @@ def test_missing_inputs_are_named(workdir, tmp_path):
                       f"    urls: ['{tmp_path}/nothing/*.jsonl']\n")
     r = tinyprep("run", str(recipe), cwd=workdir)
     assert r.returncode == 1 and "nothing/*.jsonl: matches no file" in r.stderr
+
+
+def test_a_copied_run_directory_resumes_in_place(reference, workdir, tmp_path):
+    """Completion records name their outputs relative to the run: a copy regenerates what it lacks
+    (and only that), instead of trusting the original's files."""
+    import shutil
+
+    src, _, expected = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy, symlinks=True, copy_function=shutil.copy2)  # mtimes kept: inputs unchanged
+    shard = sorted((copy / "shards").rglob("*.bin"))[0]
+    shard.unlink()
+    import time
+
+    started = time.time()
+    r = tinyprep("run", RECIPE, "--output", str(copy), "--workers", "2", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert outputs(copy) == expected
+    redone = sorted(str(p.relative_to(copy / "tasks")) for p in (copy / "tasks").rglob("*.json")
+                    if p.stat().st_mtime >= started)
+    assert redone and all(p.startswith(("tokenize/train/", "tokenize/validation/", "mix/")) for p in redone), redone
