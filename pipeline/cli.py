@@ -139,7 +139,7 @@ def train_tokenizer_cmd(inputs: tuple[str, ...], out: str, vocab_size: int, max_
     .jsonl.zst; field text or content) or text files; globs allowed.
     """
     from .formats import FormatError
-    from .tokenize import train_tokenizer
+    from .tokenize.tokenizer import train_tokenizer
 
     try:
         info = train_tokenizer(list(inputs), out, vocab_size=vocab_size, max_bytes=max_mb << 20, seed=seed)

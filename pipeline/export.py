@@ -21,7 +21,6 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
-import yaml
 
 from . import storage
 from .formats import FormatError
@@ -35,6 +34,12 @@ from .formats.manifest import (
 )
 from .formats.megatron import MegatronReader
 from .layout import as_run
+from .tokenize.tokenizer import (
+    TokenizerMismatch,
+    check_manifest_tokenizer,
+    manifest_tokenizer_url,
+    recipe_tokenizer_url,
+)
 
 TINYLLAMA_NAMES = {"slimpajama": "slimpajama", "starcoderdata": "starcoder"}
 EXPORT_INFO = "tinyprep-export.json"
@@ -142,20 +147,6 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
 
 
-def _recipe_tokenizer(run_url: str) -> str | None:
-    """The tokenizer model the run's resolved recipe (RUN/recipe.yaml) names."""
-    try:
-        data = yaml.safe_load(storage.read_bytes(as_run(run_url).recipe))
-    except (FileNotFoundError, yaml.YAMLError):
-        return None
-    tok = (data or {}).get("tokenizer") if isinstance(data, dict) else None
-    if not isinstance(tok, dict):
-        return None
-    if tok.get("model"):
-        return str(tok["model"])
-    return as_run(run_url).trained_tokenizer if tok.get("train") else None
-
-
 def verify_run(run_url: str, tokenizer: str | None = None, checksums: bool = True) -> VerifyReport:
     """Check every shard of RUN/manifest.json (presence, sizes, headers, counts, checksums), the
     tokenizer (the recipe's model file, or `tokenizer`, must hash to the manifest's) and
@@ -185,20 +176,12 @@ def verify_run(run_url: str, tokenizer: str | None = None, checksums: bool = Tru
 
 
 def _verify_tokenizer(run_url: str, manifest: Manifest, tokenizer: str | None, report: VerifyReport) -> None:
-    url = tokenizer or _recipe_tokenizer(run_url)
-    if url is None:
-        path = manifest.tokenizer.path
-        url = path if "://" in path or path.startswith("/") else as_run(run_url).relative(path)
+    url = tokenizer or recipe_tokenizer_url(run_url) or manifest_tokenizer_url(run_url, manifest)
     report.tokenizer = url
     try:
-        digest = hashlib.sha256(storage.read_bytes(url)).hexdigest()
-    except FileNotFoundError:
-        report.problems.append(f"tokenizer: {url}: missing (manifest.json was tokenized with "
-                               f"{manifest.tokenizer.path}, sha256 {manifest.tokenizer.sha256[:12]})")
-        return
-    if digest != manifest.tokenizer.sha256:
-        report.problems.append(f"tokenizer: {url} has sha256 {digest[:12]}, manifest.json was tokenized with "
-                               f"{manifest.tokenizer.path} (sha256 {manifest.tokenizer.sha256[:12]})")
+        check_manifest_tokenizer(url, run_url, manifest)
+    except TokenizerMismatch as e:
+        report.problems.append(f"tokenizer: {e}")
 
 
 def _verify_shard(run_url: str, manifest: Manifest, shard, checksums: bool) -> list[str]:

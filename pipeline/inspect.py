@@ -16,7 +16,6 @@ the tokens without BOS/EOS, decoded, which equals the ingested document's text.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import zlib
@@ -69,7 +68,7 @@ class Sample:
 
 class _Decoder:
     def __init__(self, model: bytes, pieces: int):
-        from .tokenize import load_processor
+        from .tokenize.tokenizer import load_processor
 
         self.sp = load_processor(model)
         self.bos, self.eos = int(self.sp.bos_id()), int(self.sp.eos_id())
@@ -86,20 +85,18 @@ class _Decoder:
         return Sample(text=self.sp.decode(body), bos=bos, eos=eos, head=head, tail=tail, **where)
 
 
-def _tokenizer_url(run_url: str, path: str) -> str:
-    return path if "://" in path or posixpath.isabs(path) else as_run(run_url).relative(path)
-
-
 def _run_decoder(run_url: str, manifest: Manifest, tokenizer: str | None, pieces: int) -> _Decoder:
-    url = tokenizer or _tokenizer_url(run_url, manifest.tokenizer.path)
+    from .tokenize.tokenizer import (
+        TokenizerMismatch,
+        check_manifest_tokenizer,
+        manifest_tokenizer_url,
+    )
+
+    url = tokenizer or manifest_tokenizer_url(run_url, manifest)
     try:
-        model = storage.read_bytes(url)
-    except FileNotFoundError:
-        raise InspectError(f"{url}: the run's tokenizer is missing (pass --tokenizer PATH)") from None
-    digest = hashlib.sha256(model).hexdigest()
-    if digest != manifest.tokenizer.sha256:
-        raise InspectError(f"{url}: sha256 {digest[:12]}, but the shards were tokenized with sha256 "
-                           f"{manifest.tokenizer.sha256[:12]} ({manifest.tokenizer.path})")
+        model = check_manifest_tokenizer(url, run_url, manifest, hint="; pass --tokenizer PATH (the model it used)")
+    except TokenizerMismatch as e:
+        raise InspectError(str(e)) from None
     try:
         return _Decoder(model, pieces)
     except FormatError as e:

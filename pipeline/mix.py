@@ -75,21 +75,17 @@ def load_run_manifest(run: RunDir) -> tuple[Manifest, bytes]:
 
 def check_tokenizer(recipe: Recipe, run: RunDir, manifest: Manifest) -> None:
     """manifest.json must come from the recipe's tokenizer (same model file bytes)."""
-    from .tokenize import tokenizer_url
+    from .tokenize.tokenizer import (
+        TokenizerMismatch,
+        check_manifest_tokenizer,
+        tokenizer_url,
+    )
 
     try:
-        url = tokenizer_url(recipe, run)
-    except StageFailed as e:
+        check_manifest_tokenizer(tokenizer_url(recipe, run), run, manifest, role="recipe's tokenizer",
+                                 hint="; rerun the tokenize stage (or set tokenizer.model to the model it used)")
+    except (StageFailed, TokenizerMismatch) as e:
         raise MixError(str(e)) from None
-    try:
-        digest = hashlib.sha256(storage.read_bytes(url)).hexdigest()
-    except FileNotFoundError:
-        raise MixError(f"tokenizer.model: {url}: no such file (manifest.json was tokenized with "
-                       f"{manifest.tokenizer.path}, sha256 {manifest.tokenizer.sha256[:12]})") from None
-    if digest != manifest.tokenizer.sha256:
-        raise MixError(f"{run.manifest}: tokenized with {manifest.tokenizer.path} "
-                       f"(sha256 {manifest.tokenizer.sha256[:12]}), but the recipe's tokenizer {url} has sha256 "
-                       f"{digest[:12]}; rerun the tokenize stage")
 
 
 def plan_mixture(recipe: Recipe, manifest: Manifest, manifest_bytes: bytes) -> Mixture:

@@ -186,7 +186,7 @@ def _tokenizer_measure(recipe: Recipe, texts: list[str]) -> tuple[float, float] 
     model = recipe.tokenizer.model if recipe.tokenizer else None
     if not model or not storage.exists(model):
         return None
-    from .encoder import Encoder
+    from .tokenize.encoder import Encoder
 
     enc = Encoder(storage.read_bytes(model), cache_entries=recipe.tokenize.cache_entries)
     t0 = time.process_time()

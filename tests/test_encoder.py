@@ -1,4 +1,4 @@
-"""Tests of pipeline/encoder.py: ids identical to SentencePieceProcessor.encode, always.
+"""Tests of pipeline/tokenize/encoder.py: ids identical to SentencePieceProcessor.encode, always.
 
 Every model is trained here from the bundled sample (small vocabularies, one thread, cached per
 session); a few are edited through the model proto to break one rule of the fast path at a time.
@@ -18,8 +18,14 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
-from pipeline import encoder as encmod
-from pipeline.encoder import WS, Encoder, fast_path_supported, model_info, with_bos_eos
+from pipeline.tokenize import encoder as encmod
+from pipeline.tokenize.encoder import (
+    WS,
+    Encoder,
+    fast_path_supported,
+    model_info,
+    with_bos_eos,
+)
 
 LLAMA = dict(model_type="bpe", byte_fallback=True, split_digits=True,
              normalization_rule_name="identity", add_dummy_prefix=True,

@@ -1,4 +1,4 @@
-"""pipeline/tokenize.py: the tokenizer trainer, the holdout, and the stage end to end on the sample.
+"""pipeline/tokenize/: the tokenizer trainer, the holdout, and the stage end to end on the sample.
 
 The end-to-end tests use the session's reference run (recipes/sample.yaml, 2 workers), read its
 shards with the spec reader of test_formats.py and decode them with SentencePiece.

@@ -1,4 +1,4 @@
-"""Benchmark: pipeline.encoder.Encoder against SentencePiece's own batched encoding, same ids.
+"""Benchmark: pipeline.tokenize.encoder.Encoder against SentencePiece's batched encode, same ids.
 
     python tests/benchmarks/bench_encoder.py [--mb 30] [--code-mb 30] [--vocab 32000]
         [--novel 0.10] [--batch 1000] [--runs 2] [--profile tottime] [--json]
@@ -268,7 +268,7 @@ def bench_corpus(label: str, docs: list[str], model: str, batch: int, runs: int,
                  profile: str | None) -> dict:
     import sentencepiece as spm
 
-    from pipeline.encoder import Encoder
+    from pipeline.tokenize.encoder import Encoder
 
     sp = spm.SentencePieceProcessor(model_file=model)
     dtype = Encoder(model).dtype
@@ -360,7 +360,7 @@ def bench_corpus(label: str, docs: list[str], model: str, batch: int, runs: int,
 
 def distinct_share(docs: list[str], model: str) -> float:
     """Distinct segments / segments: the miss rate of an unbounded cache on these documents."""
-    from pipeline.encoder import Encoder
+    from pipeline.tokenize.encoder import Encoder
 
     enc = Encoder(model)
     seen, total = set(), 0

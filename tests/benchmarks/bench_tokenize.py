@@ -9,10 +9,10 @@ given model instead, e.g. Llama-2's `tokenizer.model`). Then, in this process, o
 documents:
 
 * floor: `sp.encode(batch_of_1024_texts, num_threads=1)`, texts already in memory;
-* tinyprep: the tokenize stage's tasks (`pipeline.tokenize.run_task`: holdout, group and encode
-  phases, `cpus_per_task: 1`, BOS per document) reading the docs parquet and writing `.bin`/`.idx`
-  shards and the manifest, with the exact segment-caching encoder (pipeline/encoder.py) starting
-  from an empty cache in every pass;
+* tinyprep: the tokenize stage run in this process (`run_stage(LocalExecutor(), "tokenize", ...)`:
+  holdout, group and encode phases and the manifest, `cpus_per_task: 1`, BOS per document)
+  reading the docs parquet and writing `.bin`/`.idx` shards, with the exact segment-caching
+  encoder (pipeline/tokenize/encoder.py) starting from an empty cache in every pass;
 * tinyllama_style (TinyLlama's prepare_slimpajama.py, written here from REFERENCES.md): the same
   documents as SlimPajama `jsonl.zst`, read as a zstd text stream, `json.loads` of each line (twice,
   for the text and the set name, as the script does), lit-gpt's `Tokenizer.encode` (`sp.encode(text)`,
@@ -186,9 +186,12 @@ def per_document(sp, run: Path, out: Path, chunk_size: int = 2049 * 1024) -> tup
 
 
 def tinyprep_stage(run: Path, tokenizer: Path, cache_entries: int = 1_000_000) -> tuple[float, object]:
-    from pipeline import tokenize
+    from pipeline.executors import LocalExecutor
     from pipeline.recipe import parse_recipe
+    from pipeline.runner import run_stage
+    from pipeline.tokenize import packer
 
+    # the previous pass's outputs and completion records: run_stage would skip its tasks
     for sub in ("shards", "tokenize", "tasks", "manifest.json"):
         p = run / sub
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -198,16 +201,9 @@ def tinyprep_stage(run: Path, tokenizer: Path, cache_entries: int = 1_000_000) -
         "tokenizer": {"model": str(tokenizer)},
         "tokenize": {"bos": True, "eos": False, "cpus_per_task": 1, "cache_entries": cache_entries},
     })
-    tokenize._ENCODERS.clear()  # a cold segment cache every pass: no credit for a previous pass
+    packer._ENCODERS.clear()  # a cold segment cache every pass: no credit for a previous pass
     t0 = time.process_time()
-    records = []
-    phase = tokenize.next_phase(recipe, str(run), None)
-    while phase is not None:
-        for task in tokenize.plan(recipe, str(run), phase):
-            rec = tokenize.run_task(task, recipe, str(run))
-            records.append({"task": task.id, "fingerprint": task.fingerprint, **rec})
-        phase = tokenize.next_phase(recipe, str(run), phase)
-    tokenize.finish(recipe, str(run), sorted(records, key=lambda r: r["task"]))
+    run_stage(LocalExecutor(), "tokenize", recipe, str(run))
     return time.process_time() - t0, recipe
 
 

@@ -1,94 +1,16 @@
 """Exact, faster SentencePiece encoding: split documents into independent segments, cache them.
 
 ``Encoder(model).encode(texts)`` returns exactly ``SentencePieceProcessor.encode(texts)``'s ids
-(no BOS/EOS; the tokenize stage adds those), faster on natural text: each document is cut into
-segments whose encodings cannot influence one another, every distinct segment is encoded once
-by SentencePiece and its ids are reused from a bounded per-process cache (natural text is
-Zipf-distributed: a few hundred thousand segments cover most of it).
+(no BOS/EOS; ``with_bos_eos`` adds them), faster on natural text: each document is cut into
+segments whose encodings cannot influence one another (before whitespace that follows a
+non-space, and around control characters no piece contains), every distinct segment is encoded
+once by SentencePiece (a copy of the model without dummy prefix) and its ids are reused from a
+bounded per-process cache. Models for which that is not provably exact (``fast_path_supported``:
+not BPE, a normalization rule, user-defined or UNUSED pieces, ...) go to SentencePiece's
+batched encode.
 
-Why segments are independent (SentencePiece 0.2, read from its source)
------------------------------------------------------------------------
-
-``SentencePieceProcessor::Encode`` = ``Normalizer::Normalize`` -> ``bpe::Model::Encode`` ->
-``PopulateSentencePieceText``. For a model with the settings below, each step is local:
-
-1. **Normalization** (``normalizer.cc``). With an empty ``precompiled_charsmap`` (the
-   ``identity`` rule) ``NormalizePrefix`` copies one UTF-8 character at a time. With
-   ``remove_extra_whitespaces=false`` no space is dropped; with ``escape_whitespaces=true``
-   every U+0020 becomes U+2581 (``▁``), and a ``▁`` already in the text stays ``▁``, so both
-   count as whitespace below. With ``add_dummy_prefix=true`` (and
-   ``treat_whitespace_as_suffix=false``) one ``▁`` is prepended, except that an empty input
-   gives an empty output. Hence ``normalize(T) = "▁" + esc(T)`` (``esc``: spaces to ``▁``) for
-   a non-empty T, and ``esc(T)`` without the dummy prefix: a character-by-character map.
-2. **BPE** (``bpe_model.cc``). The normalized text is split into characters (one UTF-8
-   character each when there are no user-defined symbols: ``PrefixMatcher`` is empty). A
-   priority queue holds adjacent symbol pairs whose concatenation is a piece of the model's
-   ``pieces_`` map (types NORMAL, USER_DEFINED, UNUSED); the best score is merged first, ties
-   go to the leftmost pair. A symbol is always a substring of one side of a cut, so a pair
-   across the cut at position i has a concatenation containing the characters (c[i-1], c[i]).
-   If no piece contains that character pair, no pair across the cut ever enters the queue,
-   and the merges on each side are exactly those the side would get alone: a pop from one
-   side is the maximum among that side's own valid pairs, in the same (score, position)
-   order, and stale entries are recognised by local checks only (valid pairs have distinct
-   left indices, so there are no ties the heap could break differently). UNUSED pieces are
-   the exception: they are re-split through ``rev_merge``, a map shared by the whole text
-   (the *last* split seen for a string wins), so a model with UNUSED pieces falls back.
-3. **Ids** (``PopulateSentencePieceText``). With ``byte_fallback=true`` every unknown piece is
-   replaced by its UTF-8 byte pieces, piece by piece. Without byte fallback, *consecutive
-   unknown pieces are merged into one* ``<unk>``, which crosses a cut unless the symbols next
-   to it are known; so without byte fallback a cut is used only where the character after it
-   (``▁``, or the cut character itself) is a vocabulary piece.
-
-Where the cuts go. Let W = {space, ``▁``}. **Word cuts**: before every W character whose
-preceding character is not in W. A run of whitespace stays with the word that follows it;
-trailing whitespace is a segment of its own. (The trainer's ``SplitIntoWords`` cuts the same
-way with ``allow_whitespace_only_pieces``, and without it before every ``▁``, a superset of
-these cuts.) A piece across a word cut would contain ``x▁`` with x not in W. The trainer's
-``IsValidSentencePiece`` forbids that when ``split_by_whitespace=true`` and
-``treat_whitespace_as_suffix=false``: ``▁`` may only begin a piece, unless the piece is all
-whitespace (``▁▁▁▁``, with ``allow_whitespace_only_pieces``), and such a piece lies inside a
-whitespace run, which is never cut. We also check it on the vocabulary itself: no NORMAL
-piece may contain a character other than ``▁`` followed by ``▁``. **Control-character cuts**:
-around runs of ``\\n``, ``\\r``, ``\\t``, ``\\f``, ``\\v``, for each one that no multi-character
-piece contains (the trainer reads text line by line, so newlines are never inside pieces;
-they become byte pieces, ``<0x0A>``). ``split_digits``, ``split_by_number``,
-``split_by_unicode_script`` and ``max_sentencepiece_length`` only shape the vocabulary at
-training time; encoding does not apply them, and the cuts above do not depend on them.
-
-Encoding one segment alone. Segments are encoded by a second processor loaded from the same
-model with ``add_dummy_prefix=false`` (appended to the serialized proto: a later occurrence
-of a singular sub-message field is merged, so only that flag changes): its normalization of a
-segment is exactly the segment's slice of the document's normalization (the dummy prefix is
-supplied as a leading space of the first segment; an empty document stays empty).
-Concatenating the segments' ids gives the document's ids. New segments are encoded 64 at a
-time, joined by a cut character (``\\n``) whose single id splits the result back (see
-``Encoder._fill``): SentencePiece's per-call cost is several microseconds.
-
-What falls back to plain batched ``encode`` (logged once on logger ``tinyprep``; see
-``fast_path_supported``): model types other than BPE (unigram: Viterbi over the whole text);
-a non-empty ``precompiled_charsmap`` (nmt_nfkc and friends: context-dependent rewriting,
-whitespace collapsing); ``remove_extra_whitespaces``; ``escape_whitespaces=false``;
-``treat_whitespace_as_suffix``; ``split_by_whitespace=false``; USER_DEFINED pieces (matched
-as atoms by the normalizer and the BPE splitter, possibly across a cut); UNUSED pieces
-(``rev_merge`` above); a vocabulary piece that straddles a word cut; no byte fallback and no
-``▁`` piece. Batches with something other than str (bytes) or that SentencePiece cannot
-take (lone surrogates) also go to it, so that it encodes them or raises its own error. The
-cache changes nothing: a cached value is the output of the same function of the same string,
-so output is identical with the cache on, off (``cache_entries=0``), cold or warm.
-
-Memory. The cache maps a segment to its ids as packed bytes (``dtype`` below). It holds at
-most ``cache_entries`` segments after each batch (plus, during a batch, that batch's new
-ones; batches are processed in sub-batches of about 2 M characters, which bounds the
-memory of their segment lists); when it is full it keeps the segments seen in the most batches (ties: the most
-frequent in the current batch; counts halve every 32 batches and 8 x ``cache_entries``
-sightings, so the cache follows the corpus) and drops the rest down to 3/4 of the limit.
-An entry takes about 170 bytes of RSS (key, ids, two dict slots; measured 160-180 on prose
-and on code): the default 1,000,000 entries is about 170 MB per worker process. Segments longer than ``max_segment_chars`` characters
-(code, URLs, base64) are encoded by SentencePiece and never cached. Each worker process has
-its own cache; pickling an ``Encoder`` (e.g. to a Ray worker) carries the model, not the cache.
-
-Output dtype. ``Encoder.dtype`` is ``uint16`` when the vocabulary has at most 65,536 pieces
-(Llama-2: 32,000), else ``int32``; ``encode_to_array`` returns ids in that dtype.
+Why this is exact, which models fall back, and how the cache is bounded (about 170 bytes an
+entry): ENCODER.md, next to this file. Change the code and that document together.
 """
 
 from __future__ import annotations
@@ -284,7 +206,7 @@ def fast_path_supported(model_path_or_proto: Any) -> tuple[bool, str | None]:
     """Whether the segment cache gives exactly SentencePiece's ids for this model, and if not why.
 
     Accepts a model path, serialized ``ModelProto`` bytes, a ``SentencePieceProcessor`` or a
-    ``sentencepiece_model_pb2.ModelProto``. The rules are those of the module docstring.
+    ``sentencepiece_model_pb2.ModelProto``. The rules are those of ENCODER.md.
     """
     ok, why, _ = _plan(model_info(model_path_or_proto))
     return ok, why
@@ -445,7 +367,7 @@ class Encoder:
         n_join = sum(lens[:len(texts)])
         # end (exclusive) of each key's ids in flat: the separators, then the single ones
         ends = np.flatnonzero(flat[:n_join] == sep_id) if texts else np.empty(0, np.int64)
-        if len(ends) != len(joinable):  # cannot happen (see the module docstring); stay exact
+        if len(ends) != len(joinable):  # cannot happen (see ENCODER.md); stay exact
             return self._fill_one_by_one(keys)
         starts = np.concatenate(([0], ends[:-1] + 1)) if len(ends) else ends
         if single:
@@ -573,11 +495,6 @@ class Encoder:
         st["entries"] = len(self._cache)
         st["approx_bytes"] = self._bytes + getsizeof(self._cache) + getsizeof(self._freq)
         return st
-
-    def clear_cache(self):
-        self._cache.clear()
-        self._freq.clear()
-        self._bytes = 0
 
 
 # Segments per SentencePiece call when filling the cache (see Encoder._fill).

@@ -1,0 +1,313 @@
+"""The run's tokenizer, in one place: which model file, loading it, training it, checking it.
+
+- Which file: `tokenizer_url` (the recipe's `tokenizer.model`, else the one the tokenize stage
+  trains at `RunDir.trained_tokenizer`), `tokenizer_manifest_path` (what manifest.json records),
+  `manifest_tokenizer_url` (that record, resolved against the run) and `recipe_tokenizer_url`
+  (what the run's resolved recipe, RUN/recipe.yaml, names).
+- Loading: `load_processor` (a SentencePiece processor from model bytes), `load_checked` (the
+  recipe's model, unchanged since the stage was planned).
+- Checking: `tokenizer_info` (hash, vocabulary, BOS/EOS the recipe asks for, a token dtype the
+  vocabulary fits) and `check_manifest_tokenizer` (the model manifest.json was tokenized with:
+  used by mix, `tinyprep verify` and `tinyprep inspect`).
+- Training: `train_tokenizer` (SentencePiece BPE with Llama-2's settings, deterministic), used by
+  the tokenize stage's `tokenizer` phase and `tinyprep train-tokenizer`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import posixpath
+from typing import Iterator
+
+import numpy as np
+import orjson
+import pyarrow.parquet as pq
+import yaml
+
+from .. import storage
+from ..formats import FormatError
+from ..formats.manifest import Manifest, TokenizerInfo
+from ..formats.megatron import check_vocab_fits, dtype_for_vocab
+from ..hashing import MASK64, splitmix64
+from ..layout import RUN_TOKENIZER, RunDir, as_run
+from ..recipe import Recipe, TokenizerTrainConfig
+from .docs import iter_batches
+from .errors import TokenizeError
+
+# ---------------------------------------------------------------------------------------------
+# Which model file
+
+
+def tokenizer_url(recipe: Recipe, run: RunDir) -> str:
+    """The recipe's tokenizer model: `tokenizer.model`, else the one trained into the run."""
+    if recipe.tokenizer is None:
+        raise TokenizeError("tokenizer: the tokenize stage needs tokenizer.model (or tokenizer.train)")
+    return recipe.tokenizer.model or run.trained_tokenizer
+
+
+def tokenizer_manifest_path(recipe: Recipe) -> str:
+    """What manifest.json records: the recipe's model path, or `tokenizer.model` (run-relative)."""
+    return recipe.tokenizer.model or RUN_TOKENIZER
+
+
+def manifest_tokenizer_url(run: RunDir | str, manifest: Manifest) -> str:
+    """The tokenizer manifest.json records, as a URL (a run-relative path is under the run)."""
+    path = manifest.tokenizer.path
+    return path if "://" in path or posixpath.isabs(path) else as_run(run).relative(path)
+
+
+def recipe_tokenizer_url(run: RunDir | str) -> str | None:
+    """The tokenizer model the run's resolved recipe (RUN/recipe.yaml) names, None if it names none."""
+    run = as_run(run)
+    try:
+        data = yaml.safe_load(storage.read_bytes(run.recipe))
+    except (FileNotFoundError, yaml.YAMLError):
+        return None
+    tok = (data or {}).get("tokenizer") if isinstance(data, dict) else None
+    if not isinstance(tok, dict):
+        return None
+    if tok.get("model"):
+        return str(tok["model"])
+    return run.trained_tokenizer if tok.get("train") else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and checking
+
+
+def load_processor(model: bytes):
+    """A SentencePieceProcessor of the model's bytes (FormatError if they are not a model)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(model)
+    except Exception as e:  # sentencepiece raises RuntimeError / OSError with C++ text
+        raise FormatError(f"not a SentencePiece model: {e}") from None
+    return sp
+
+
+def tokenizer_info(recipe: Recipe, run: RunDir) -> tuple[TokenizerInfo, np.dtype]:
+    """Hash, vocabulary, special ids and token dtype of the recipe's tokenizer (clear errors)."""
+    url = tokenizer_url(recipe, run)
+    try:
+        model = storage.read_bytes(url)
+    except FileNotFoundError:
+        hint = "" if recipe.tokenizer.train else " (give tokenizer.train to train one from the run's documents)"
+        raise TokenizeError(f"tokenizer.model: {url}: no such file{hint}") from None
+    try:
+        sp = load_processor(model)
+    except FormatError as e:
+        raise TokenizeError(f"tokenizer.model: {url}: {e}") from None
+    info = TokenizerInfo(path=tokenizer_manifest_path(recipe), sha256=hashlib.sha256(model).hexdigest(),
+                         vocab_size=int(sp.vocab_size()), bos_id=int(sp.bos_id()), eos_id=int(sp.eos_id()))
+    cfg = recipe.tokenize
+    if cfg.bos and info.bos_id < 0:
+        raise TokenizeError(f"tokenize.bos: the tokenizer {url} has no BOS piece")
+    if cfg.eos and info.eos_id < 0:
+        raise TokenizeError(f"tokenize.eos: the tokenizer {url} has no EOS piece")
+    dtype = dtype_for_vocab(info.vocab_size) if cfg.dtype == "auto" else np.dtype(cfg.dtype)
+    try:
+        check_vocab_fits(dtype, info.vocab_size, "tokenize.dtype")
+    except FormatError as e:
+        raise TokenizeError(f"{e} (tokenizer {url})") from None
+    return info, dtype
+
+
+def load_checked(recipe: Recipe, run: RunDir, sha256: str):
+    """The recipe's tokenizer, loaded, if its bytes still hash to sha256 (that of the plan)."""
+    model = storage.read_bytes(tokenizer_url(recipe, run))
+    if hashlib.sha256(model).hexdigest() != sha256:
+        raise TokenizeError(f"{tokenizer_url(recipe, run)}: the tokenizer changed while the stage ran")
+    return load_processor(model)
+
+
+class TokenizerMismatch(Exception):
+    """A tokenizer file is missing, or is not the model manifest.json was tokenized with."""
+
+
+def check_manifest_tokenizer(url: str, run: RunDir | str, manifest: Manifest, role: str = "tokenizer",
+                             hint: str = "") -> bytes:
+    """The model bytes at url, if they are those the run's manifest.json was tokenized with.
+
+    Else TokenizerMismatch, whose message names the file, the manifest, the tokenizer it records
+    and both hashes; `role` says whose tokenizer url is ("recipe's tokenizer"), `hint` what to do.
+    """
+    expected = manifest.tokenizer
+    manifest_url = as_run(run).manifest
+    try:
+        model = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise TokenizerMismatch(f"{url}: no such file ({manifest_url} was tokenized with {expected.path}, "
+                                f"sha256 {expected.sha256[:12]}){hint}") from None
+    digest = hashlib.sha256(model).hexdigest()
+    if digest != expected.sha256:
+        raise TokenizerMismatch(f"{manifest_url}: tokenized with {expected.path} (sha256 {expected.sha256[:12]}), "
+                                f"but the {role} {url} has sha256 {digest[:12]}{hint}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (the stage's `tokenizer` phase and `tinyprep train-tokenizer`)
+
+
+LLAMA2_TRAINER_SETTINGS = dict(
+    model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+    add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+    split_by_unicode_script=True, split_by_whitespace=True, split_by_number=True,
+    max_sentencepiece_length=16, max_sentence_length=16384,
+    unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+    # determinism: every sentence, in input order, one thread
+    shuffle_input_sentence=False, input_sentence_size=0, num_threads=1,
+)
+
+
+def train_config_inputs(cfg: TokenizerTrainConfig) -> dict:
+    """`train_tokenizer`'s keyword arguments for the recipe's `tokenizer.train`."""
+    return {"vocab_size": cfg.vocab_size, "max_bytes": cfg.max_mb << 20, "seed": cfg.seed,
+            "character_coverage": cfg.character_coverage}
+
+
+def _parquet_texts(url: str) -> tuple[Iterator[list[str]], int]:
+    fs, path = storage.url_to_fs(url)
+    with fs.open(path, "rb") as fh:
+        meta = pq.ParquetFile(fh).metadata
+        names = meta.schema.names
+        column = "text" if "text" in names else "content" if "content" in names else None
+        if column is None:
+            raise FormatError(f"{url}: no 'text' or 'content' column")
+        i = names.index(column)
+        est = sum(meta.row_group(g).column(i).total_uncompressed_size for g in range(meta.num_row_groups))
+
+    def batches() -> Iterator[list[str]]:
+        for b in iter_batches(url, [column], 4096):
+            yield [t for t in b.column(0).to_pylist() if t]
+    return batches(), est
+
+
+def _jsonl_texts(url: str) -> Iterator[list[str]]:
+    lower = url.lower()
+    comp = "zstd" if lower.endswith(".zst") else "gzip" if lower.endswith(".gz") else None
+    with storage.fsspec_open(url, "rb", compression=comp) as fh:
+        out = []
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                raise FormatError(f"{url}:{n}: not valid JSON") from None
+            text = rec.get("text", rec.get("content")) if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise FormatError(f"{url}:{n}: no string 'text' or 'content' field")
+            out.append(text)
+            if len(out) >= 4096:
+                yield out
+                out = []
+        if out:
+            yield out
+
+
+def _plain_text(url: str) -> Iterator[list[str]]:
+    with storage.fsspec_open(url, "rb") as fh:
+        try:
+            yield [fh.read().decode("utf-8")]
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{url}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _doc_texts(url: str) -> tuple[Iterator[list[str]], int]:
+    """Batches of document texts from one input, and an estimate of its text bytes."""
+    lower = url.lower()
+    if lower.endswith(".parquet"):
+        return _parquet_texts(url)
+    size = storage.size(url) or 0
+    if lower.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")):
+        return _jsonl_texts(url), size * (4 if lower.endswith((".gz", ".zst")) else 1)
+    return _plain_text(url), size
+
+
+def training_inputs(inputs: list[str]) -> list[str]:
+    """Expand run directories (-> their docs parquet) and globs into a sorted file list."""
+    out: list[str] = []
+    for inp in inputs:
+        run = RunDir(inp)
+        fs, path = storage.url_to_fs(run.docs_root())
+        if fs.isdir(path):
+            found = run.all_docs_files()
+            if not found:
+                raise FormatError(f"{run.docs_root()}: no docs parquet files (run the ingest stage first)")
+            out += [f.url for f in found]
+            continue
+        try:
+            out += [f.url for f in storage.expand_urls([inp])]
+        except FileNotFoundError as e:
+            raise FormatError(str(e)) from None
+    return out
+
+
+def _sentences(files: list[str], max_bytes: int, seed: int, stats: dict) -> Iterator[str]:
+    """Lines of the documents, a deterministic document sample of about max_bytes if larger."""
+    sources = [(f, *_doc_texts(f)) for f in files]
+    total = sum(est for _, _, est in sources)
+    fraction = min(1.0, max_bytes / total) if total else 1.0
+    threshold = min(int(fraction * 2.0**64), MASK64)
+    taken = 0
+    for file_no, (_, batches, _) in enumerate(sources):
+        row = 0
+        for texts in batches:
+            keys = (np.uint64(file_no) << np.uint64(40)) + np.arange(row, row + len(texts), dtype=np.uint64)
+            keep = np.ones(len(texts), dtype=bool) if fraction >= 1 else (
+                splitmix64(keys ^ np.uint64(seed & MASK64)) < np.uint64(threshold))
+            row += len(texts)
+            for text, k in zip(texts, keep):
+                if not k:
+                    continue
+                stats["documents"] += 1
+                for line in text.split("\n"):
+                    if line.strip():
+                        stats["sentences"] += 1
+                        taken += len(line)
+                        yield line
+                if taken >= max_bytes:
+                    return
+
+
+def train_tokenizer(inputs: list[str], out_path: str, vocab_size: int = 32000, max_bytes: int = 1 << 30,
+                    seed: int = 0, character_coverage: float = 0.99995) -> dict:
+    """Train a SentencePiece BPE model with Llama-2-like settings; write it to out_path atomically.
+
+    inputs: run directories (their RUN/docs parquet), parquet files (a `text` or `content`
+    column), JSON lines (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`; field `text` or `content`) or plain
+    text files; globs are expanded. Each non-blank line of a document is one training sentence.
+    Settings as Llama-2's tokenizer: BPE, byte fallback, digits split, identity normalization,
+    dummy prefix, whitespace kept, <unk>=0 <s>=1 </s>=2, no pad. Deterministic: inputs in sorted
+    order, a document sample by hash when they hold more than max_bytes, no shuffling, one thread,
+    fixed seed: the same inputs give the same model bytes. Returns {path, sha256, vocab_size,
+    documents, sentences}.
+    """
+    import sentencepiece as spm
+
+    files = training_inputs(inputs)
+    if not files:
+        raise FormatError("train-tokenizer: no input files")
+    stats = {"documents": 0, "sentences": 0}
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed + 1)  # 0 would mean "random"
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentences(files, max_bytes, seed, stats), model_writer=model,
+            vocab_size=vocab_size, character_coverage=character_coverage, minloglevel=2,
+            **LLAMA2_TRAINER_SETTINGS)
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        if "Vocabulary size is too high" in msg or "vocab_size" in msg.lower():
+            raise FormatError(f"train-tokenizer: vocab_size {vocab_size} is too large for "
+                              f"{stats['sentences']} sentences of input ({msg})") from None
+        raise FormatError(f"train-tokenizer: SentencePiece failed: {msg}") from None
+    data = model.getvalue()
+    if not stats["sentences"]:
+        raise FormatError("train-tokenizer: the inputs hold no text")
+    storage.write_bytes(out_path, data)
+    return {"path": out_path, "sha256": hashlib.sha256(data).hexdigest(), "vocab_size": vocab_size, **stats}
