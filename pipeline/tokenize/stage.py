@@ -64,7 +64,8 @@ def _tokenizer_tasks(recipe: Recipe, run: RunDir, files: dict[str, list[DocsFile
     cfg = recipe.tokenizer.train
     versions = [(f.source, f.rel, f.version) for fs in files.values() for f in fs]
     url = tokenizer_url(recipe, run)
-    return [Task(STAGE, "tokenizer", "", fingerprint(STAGE, "tokenizer", versions, train_config_inputs(cfg), url),
+    where = run.to_relative(url)  # not the run's location: a moved run keeps its tokenizer
+    return [Task(STAGE, "tokenizer", "", fingerprint(STAGE, "tokenizer", versions, train_config_inputs(cfg), where),
                  payload={"out": url, "train": train_config_inputs(cfg),
                           "inputs": [f.url for fs in files.values() for f in fs]})]
 
