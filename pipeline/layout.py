@@ -41,6 +41,9 @@ MIXTURE_NAME = "mixture.json"
 RUN_TOKENIZER = "tokenizer.model"  # where a tokenizer trained by the tokenize stage goes
 MARKER_NAME = ".tinyprep-run"  # written when a run directory is created
 _DRIVE = re.compile(r"^[A-Za-z]:")
+# what a run directory holds (any other entry means the directory is someone else's)
+_RUN_ENTRIES = frozenset({"recipe.yaml", "inputs", "raw", "docs", "dedup", "tokenize", RUN_TOKENIZER, "shards",
+                          MANIFEST_NAME, MIXTURE_NAME, "tasks", "stats", "logs", "train", MARKER_NAME})
 
 
 class RunDirError(ValueError):
@@ -220,9 +223,10 @@ class RunDir:
         return storage.exists(self.marker)
 
     def claim(self) -> None:
-        """Make sure this is a run directory we may write and clean: mark a new (or empty) one,
-        accept a marked one or one an earlier version of tinyprep wrote (recipe.yaml and tasks/),
-        refuse anything else with RunDirError (a user's directory is never written into)."""
+        """Make sure this is a run directory we may write and clean: mark a new or empty one, accept
+        a marked one, adopt one that holds only what runs hold (an earlier version's run, or a run
+        assembled from another's docs/ and dedup/), refuse anything else with RunDirError: a
+        user's directory is never written into."""
         if not self.url:
             raise RunDirError("output: the run directory must not be empty")
         if self.is_marked():
@@ -231,9 +235,8 @@ class RunDir:
         if fs.exists(path):
             if not fs.isdir(path):
                 raise RunDirError(f"{self.url}: exists and is not a directory")
-            entries = fs.ls(path, detail=False)
-            legacy = storage.exists(self.recipe) and storage.exists(self._join("tasks"))
-            if entries and not legacy:
+            names = {posixpath.basename(e.rstrip("/")) for e in fs.ls(path, detail=False)}
+            if names - _RUN_ENTRIES:
                 raise RunDirError(f"{self.url}: not empty and not a tinyprep run directory (no {MARKER_NAME}); "
                                   f"choose a new or empty output directory")
         storage.write_json(self.marker, {"format": "tinyprep-run", "version": 1,
