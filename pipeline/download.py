@@ -37,6 +37,7 @@ from . import storage
 from .inputs import list_inputs
 from .layout import RunDir
 from .recipe import Recipe
+from .retry import backoff_delay
 from .stage import Stage, Task, TaskResult, fingerprint
 
 STAGE = "download"
@@ -173,7 +174,7 @@ def _copy(src_fs, src_path: str, url: str, sink, expected: int, block: int, retr
                     f"{url_for_log(url)}: download failed after {retries} reconnect(s): received "
                     f"{sink.size} of {_fmt_size(expected)} bytes; last error: {type(e).__name__}: {e}"
                 ) from e
-            delay = min(BACKOFF_FIRST_S * 2 ** (failures - 1), BACKOFF_MAX_S)
+            delay = backoff_delay(failures - 1, BACKOFF_FIRST_S, BACKOFF_MAX_S)
             log.warning("%s: %s: %s at %d of %s bytes; reconnecting in %.1f s (%d/%d)", url_for_log(url),
                         type(e).__name__, e, sink.size, _fmt_size(expected), delay, failures, retries)
             counters.reconnects += 1

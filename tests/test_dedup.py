@@ -39,7 +39,7 @@ def run_inline(recipe, run_dir: str) -> tuple[list[str], dict]:
 def write_docs(run: Path, source: str, rel: str, texts: list[str], subset: str | None = None) -> np.ndarray:
     """A docs file as ingest writes it; returns the ids."""
     n = len(texts)
-    ids = ingest._document_ids(source, rel, np.arange(n))
+    ids = ingest.document_ids(source, rel, np.arange(n))
     table = pa.Table.from_arrays([
         pa.array(ids, pa.uint64()), pa.array([source] * n, pa.string()), pa.array([subset] * n, pa.string()),
         pa.array([rel] * n, pa.string()), pa.array(np.arange(n), pa.int64()), pa.array(texts, pa.large_string()),

@@ -1,4 +1,4 @@
-"""Tests of pipeline/ingest.py: every input built here, every count exact."""
+"""Tests of pipeline/ingest/: every input built here, every count exact."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ import pytest
 import zstandard
 
 from pipeline import ingest
+from pipeline.ingest import readers, steps
 from pipeline.layout import RunDir
 from pipeline.recipe import parse_recipe
 from pipeline.stats import merge_all
+from pipeline.text import slimpajama_normalize
 
 LONG = "The quick brown fox jumps over the lazy dog near the riverbank. " * 5  # 320 chars, kept
 SETS = ["RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub", "RedPajamaWikipedia"]
@@ -368,8 +370,8 @@ def test_short_filter_equals_reference():
     rng = random.Random(7)
     for text in _varied_texts(rng):
         for m in (1, 50, 200):
-            assert ingest.is_short(text, m) == reference_is_short(text, m), (m, text[:80])
-        assert len(ingest.normalize_for_length(text)) == ingest._normalized_length(text)
+            assert steps.is_short(text, m) == reference_is_short(text, m), (m, text[:80])
+        assert len(slimpajama_normalize(text)) == steps.normalized_length(text)
 
 
 def test_short_and_empty_filters_in_a_run(tmp_path):
@@ -459,9 +461,9 @@ def test_document_id_definition():
     k = int.from_bytes(hashlib.blake2b(b"slim/chunk1/x.jsonl.zst", digest_size=8).digest(), "little")
     expected = splitmix64((k + 8 * 0x9E3779B97F4A7C15) % (1 << 64))
     assert ingest.document_id("slim", "chunk1/x.jsonl.zst", 7) == expected
-    ids = ingest._document_ids("slim", "chunk1/x.jsonl.zst", range(100_000))
+    ids = ingest.document_ids("slim", "chunk1/x.jsonl.zst", range(100_000))
     assert len(set(ids.tolist())) == 100_000  # no collision within a file
-    assert list(ingest._document_ids("slim", "chunk1/x.jsonl.zst", [7, 8])) == [
+    assert list(ingest.document_ids("slim", "chunk1/x.jsonl.zst", [7, 8])) == [
         ingest.document_id("slim", "chunk1/x.jsonl.zst", r) for r in (7, 8)]
 
 
@@ -495,9 +497,9 @@ def test_io_error_mid_file(tmp_path, monkeypatch, times, kept, files_unreadable)
     raw = jsonl([slim_record(f"{i} {LONG}") for i in range(40)])
     path = write(tmp_path / "in" / "a.jsonl", raw)
     _FlakyFile.state = {"failures": 0}
-    monkeypatch.setattr(ingest, "_RETRY_BACKOFF_S", 0.0)
-    monkeypatch.setattr(ingest, "_RAW_READ", 4096)
-    monkeypatch.setattr(ingest, "_open_input", lambda url: _FlakyFile(url, 6000, times))
+    monkeypatch.setattr(readers, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(readers, "RAW_READ", 4096)
+    monkeypatch.setattr(readers, "open_input", lambda url: _FlakyFile(url, 6000, times))
     _, (res,), merged = run_all(make_recipe(tmp_path, [{"urls": [str(tmp_path / "in" / "*")]}]))
     c = counts(merged)
     assert c["files_unreadable"] == files_unreadable

@@ -7,10 +7,12 @@ docstrings, about 4.5 KB on average like SlimPajama's; a third with some non-ASC
 with decomposed (NFD) accents, 2% short), then, in this process:
 
 * floor: zstd stream decompression plus `orjson.loads` of every line of the same files;
-* ingest: `pipeline.ingest.run_task` on every file (plan made from a recipe built in code:
-  SlimPajama settings, NFC, min_chars 200, a selection, a subset and a metadata field), once
+* ingest: the ingest stage run in this process, `run_stage(LocalExecutor(), "ingest", ...)`
+  (plan, every file's task, completion records, merged stats), on a recipe built in code:
+  SlimPajama settings, NFC, min_chars 200, a selection, a subset and a metadata field; once
   with the recipe's default parquet compression (zstd) and once with `none` (the codec's cost
-  apart).
+  apart). Before each pass the outputs and completion records are removed (untimed), so that
+  every pass runs every task.
 
 Speeds are MB of document text per CPU-second of this process (`time.process_time`, all
 threads counted), i.e. per core; best of `--runs`. Importing this module has no side effects.
@@ -143,16 +145,25 @@ def make_recipe(corpus: str, run_dir: str, compression: str = "zstd"):
     })
 
 
-def ingest_pass(recipe, run_dir: str, planned) -> dict:
-    from pipeline import ingest
+def ingest_pass(recipe, run_dir: str) -> dict:
+    """One run of the ingest stage, in this process; documents read and kept, text bytes read."""
+    from pipeline.executors import LocalExecutor
+    from pipeline.runner import run_stage
 
-    docs = kept = nbytes = 0
-    for task in planned:
-        r = ingest.run_task(task, recipe, run_dir)
-        docs += r["docs"]
-        nbytes += r["bytes"]
-        kept += r["stats"]["sources"][task.source]["kept"]
-    return {"docs": docs, "kept": kept, "bytes": nbytes}
+    report = run_stage(LocalExecutor(), "ingest", recipe, run_dir)
+    if not report.ok:
+        raise RuntimeError(f"ingest failed: {report.failed}")
+    kept = sum(c["kept"] for c in report.stats["sources"].values())
+    return {"docs": report.docs, "kept": kept, "bytes": report.bytes}
+
+
+def clear_outputs(run_dir: str) -> None:
+    """Remove the documents and completion records of a pass, so that the next one redoes every task."""
+    from pipeline.layout import RunDir
+
+    run = RunDir(run_dir)
+    for path in (run.docs_root(), run.tasks("ingest")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _timed(fn) -> tuple[float, float, object]:
@@ -169,8 +180,6 @@ def run_benchmark(mb: float = 30, files: int = 4, runs: int = 3, corpus: str | N
     slow spell of a shared machine weighs on all of them alike. `profile`: a pstats sort key;
     prints a cProfile of one ingest (zstd) pass first.
     """
-    from pipeline import ingest
-
     with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp:
         if corpus is None:
             corpus = os.path.join(tmp, "corpus")
@@ -186,18 +195,18 @@ def run_benchmark(mb: float = 30, files: int = 4, runs: int = 3, corpus: str | N
         for compression in ("zstd", "none"):
             run_dir = os.path.join(tmp, f"run-{compression}")
             recipe = make_recipe(corpus, run_dir, compression)
-            planned = ingest.plan(recipe, run_dir)
             if profile and compression == "zstd":
                 import cProfile
                 import pstats
 
                 prof = cProfile.Profile()
-                prof.runcall(ingest_pass, recipe, run_dir, planned)
+                prof.runcall(ingest_pass, recipe, run_dir)
                 pstats.Stats(prof).sort_stats(profile).print_stats(35)
-            # outputs are removed before each run (untimed): replacing a file would time its deletion
+            # outputs and records are removed before each run (untimed): replacing a file would
+            # time its deletion, and a completed record would skip its task
             jobs[f"ingest ({compression})"] = (
-                lambda recipe=recipe, run_dir=run_dir, planned=planned: ingest_pass(recipe, run_dir, planned),
-                lambda run_dir=run_dir: shutil.rmtree(os.path.join(run_dir, "docs"), ignore_errors=True))
+                lambda recipe=recipe, run_dir=run_dir: ingest_pass(recipe, run_dir),
+                lambda run_dir=run_dir: clear_outputs(run_dir))
         rows: dict[str, dict] = {}
         text_bytes = 0
         for _ in range(runs):

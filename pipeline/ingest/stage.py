@@ -1,0 +1,113 @@
+"""The ingest stage: one task per input file, or per range of a parquet file's row groups.
+
+Planning reads each parquet footer (when `ingest.split_row_groups` > 0) to split large files;
+a task writes `RUN/docs/<source>/<rel_path>[@rgSTART-END].parquet` and returns its counters and
+issues.
+"""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+from .. import storage
+from ..inputs import list_inputs
+from ..layout import RunDir, as_run
+from ..recipe import IngestConfig, Recipe
+from ..stage import Stage, Task, TaskResult, fingerprint
+from .readers import detect_format
+from .task import Ingestion
+
+STAGE = "ingest"
+
+
+def output_url(run: RunDir | str, source: str, rel_path: str, split: tuple[int, int] | None = None) -> str:
+    name = rel_path + (f"@rg{split[0]:05d}-{split[1]:05d}" if split else "") + ".parquet"
+    return as_run(run).docs(source, name)
+
+
+def _output_settings(cfg: IngestConfig) -> dict:
+    return {
+        "max_document_bytes": cfg.max_document_bytes,
+        "parquet_compression": cfg.parquet_compression,
+        "rows_per_group": cfg.rows_per_group,
+    }
+
+
+def parquet_splits(url: str, every: int) -> list[tuple[int, int, int, int, int]] | None:
+    """(start, end, first_row, rows, compressed_bytes) per range of `every` row groups.
+
+    None when the footer cannot be read (the single task then reports the file); [] when the
+    file has no more than `every` row groups (one task, no split).
+    """
+    try:
+        fs, path = storage.url_to_fs(url)
+        with fs.open(path, "rb") as fh:
+            md = pq.ParquetFile(fh).metadata
+    except Exception:  # noqa: BLE001 - an unreadable file becomes one task that reports it
+        return None
+    groups = [(md.row_group(i).num_rows,
+               sum(md.row_group(i).column(c).total_compressed_size for c in range(md.row_group(i).num_columns)))
+              for i in range(md.num_row_groups)]
+    if len(groups) <= every:
+        return []
+    out, first = [], 0
+    for start in range(0, len(groups), every):
+        part = groups[start:start + every]
+        rows = sum(g[0] for g in part)
+        out.append((start, start + len(part), first, rows, sum(g[1] for g in part)))
+        first += rows
+    return out
+
+
+class IngestStage(Stage):
+    name = STAGE
+
+    def plan(self, recipe: Recipe, run: RunDir, phase: str | None = None) -> list[Task]:
+        """One task per input file; parquet files split by `ingest.split_row_groups` (footer read here)."""
+        out: list[Task] = []
+        settings = _output_settings(recipe.ingest)
+        for src in recipe.sources:
+            src_cfg = src.model_dump(mode="json", by_alias=True)
+            src_cfg.pop("weight", None)
+            for f in list_inputs(src, run):
+                url = run.raw(src.name, f.rel_path) if src.download else f.url
+                fmt = detect_format(f.rel_path) if src.format == "auto" else src.format
+                base = {"url": url, "rel_path": f.rel_path, "format": fmt, "split": None}
+                splits = None
+                if fmt == "parquet" and recipe.ingest.split_row_groups > 0:
+                    # the footer of the raw copy, or of the original when it is not downloaded yet
+                    splits = parquet_splits(url, recipe.ingest.split_row_groups)
+                    if splits is None and url != f.url:
+                        splits = parquet_splits(f.url, recipe.ingest.split_row_groups)
+                if not splits:
+                    out.append(Task(STAGE, f"{src.name}/{f.rel_path}", src.name,
+                                    fingerprint(STAGE, f.version, fmt, src_cfg, settings, None),
+                                    size=max(f.size, 0), payload=base))
+                    continue
+                for start, end, first_row, rows, nbytes in splits:
+                    split = [start, end]
+                    payload = dict(base, split=split, first_row=first_row, rows=rows)
+                    out.append(Task(STAGE, f"{src.name}/{f.rel_path}@rg{start:05d}-{end:05d}", src.name,
+                                    fingerprint(STAGE, f.version, fmt, src_cfg, settings, split),
+                                    size=nbytes, payload=payload))
+        return out
+
+    def allowed_errors(self, recipe: Recipe) -> int | None:
+        return recipe.ingest.max_errors
+
+    def run_task(self, task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
+        """Ingest one input file (or row-group range): writes its parquet, returns counts and issues."""
+        src = recipe.source(task.source)
+        p = task.payload
+        split = tuple(p["split"]) if p.get("split") else None
+        out = output_url(run, src.name, p["rel_path"], split)
+        with storage.atomic_open(out, "wb") as fh:
+            ingestion = Ingestion(src, recipe.ingest, p["rel_path"], fh)
+            counts = ingestion.run(p)
+        counts["files"] = 1 if not split or split[0] == 0 else 0
+        errors = sum(counts["unreadable"].values()) + counts["files_unreadable"]
+        return TaskResult(outputs=[out], stats={"sources": {src.name: counts}}, issues=ingestion.counts.issues,
+                          docs=counts["read"], bytes=counts["bytes_read"], errors=errors)
+
+
+stage = IngestStage()
