@@ -62,14 +62,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import orjson
 import yaml
 
 from .. import storage
 from ..formats import FormatError
 from ..formats.manifest import load_manifest, load_mixture, shard_prefix
-from ..formats.megatron import DTYPE_CODES, HEADER, MAGIC
+from ..formats.megatron import read_index
 from ..layout import MANIFEST_NAME, MIXTURE_NAME, RunDir, as_run
 from ..stage import STAGES
 from .histogram import BINS_PER_DOUBLING, EXACT_BELOW, LengthStats
@@ -217,34 +216,6 @@ def _timeline(run: RunDir, problems: list[str]) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Shards
-
-
-def read_index(prefix_url: str, pointers: bool = True) -> tuple[np.dtype, np.ndarray, np.ndarray | None]:
-    """(token dtype, document lengths, byte offsets or None) from a Megatron `.idx`, reading only the index.
-
-    Validates the header and the file size (FormatError names the file). Unlike MegatronReader it
-    never loads the `.bin`, and without `pointers` it reads only the lengths: cheap on remote run
-    directories too.
-    """
-    url = prefix_url + ".idx"
-    fs, path = storage.url_to_fs(url)
-    try:
-        size = fs.size(path)
-        with fs.open(path, "rb") as fh:
-            head = fh.read(HEADER.size)
-            if len(head) < HEADER.size:
-                raise FormatError(f"{url}: truncated header ({len(head)} of {HEADER.size} bytes)")
-            magic, version, code, n, m = HEADER.unpack(head)
-            if magic != MAGIC or version != 1 or code not in DTYPE_CODES:
-                raise FormatError(f"{url}: not a Megatron MMIDIDX v1 index")
-            if size != HEADER.size + 12 * n + 8 * m:
-                raise FormatError(f"{url}: {size} bytes, but {n} sequences and {m} document entries need "
-                                  f"{HEADER.size + 12 * n + 8 * m}")
-            body = fh.read((12 if pointers else 4) * n)
-    except FileNotFoundError:
-        raise FormatError(f"{url}: missing") from None
-    lengths = np.frombuffer(body, "<i4", n).astype(np.int64)
-    return DTYPE_CODES[code], lengths, np.frombuffer(body, "<i8", n, 4 * n) if pointers else None
 
 
 def _shard_lengths(run: RunDir, shard) -> tuple[LengthStats | None, str | None]:
@@ -555,5 +526,5 @@ def deterministic_part(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in ("run", "timeline")}
 
 
-__all__ = ["collect", "dumps", "deterministic_part", "read_index", "slimpajama_dedup_rate", "SummaryError",
+__all__ = ["collect", "dumps", "deterministic_part", "slimpajama_dedup_rate", "SummaryError",
            "FORMAT", "VERSION", "SLIMPAJAMA_DEDUP_BYTES_RATE"]
