@@ -22,6 +22,7 @@ from pipeline.formats.manifest import (
     TokenizerInfo,
     load_manifest,
     load_mixture,
+    load_plan,
     make_manifest,
     manifest_fingerprint,
     parse_manifest,
@@ -329,6 +330,20 @@ def test_mixture_loads_and_checks_the_manifest(tmp_path):
     (tmp_path / "mixture.json").write_bytes(orjson.dumps(mix2))
     with pytest.raises(ManifestError, match="fingerprint"):
         load_mixture(str(tmp_path))
+
+
+def test_load_plan_reads_both_files_and_says_which_stage_is_missing(tmp_path):
+    mix = _mixture(tmp_path)
+    manifest, mixture = load_plan(str(tmp_path))
+    assert mixture.fingerprint == mix["fingerprint"]
+    assert [s.path for s in manifest.shards if s.split == "train"] == [p for s in mix["sources"] for p in s["shards"]]
+    assert load_mixture(str(tmp_path), check_manifest=False).fingerprint == mixture.fingerprint
+    (tmp_path / "mixture.json").unlink()
+    with pytest.raises(ManifestError, match="mixture.json: missing; run the mix stage first"):
+        load_plan(str(tmp_path))
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match="manifest.json: missing; run the tokenize stage first"):
+        load_plan(str(tmp_path))
 
 
 @pytest.mark.parametrize("edit,message", [

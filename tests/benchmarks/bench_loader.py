@@ -217,7 +217,8 @@ def memmap_batches(run_dir: str):
 
 
 def mixture_batches(run_dir: str):
-    from pipeline.train.loader import MixtureLoader, load_plan
+    from pipeline.formats.manifest import load_plan
+    from pipeline.train.loader import MixtureLoader
 
     manifest, mixture = load_plan(run_dir)
     for batch in MixtureLoader(run_dir, manifest, mixture, global_batch=BATCH):
@@ -228,7 +229,8 @@ STARTUP = r"""
 import json, sys, time
 import numpy, orjson, torch  # imports apart
 sys.path.insert(0, sys.argv[2])
-from pipeline.train.loader import MixtureLoader, load_plan
+from pipeline.formats.manifest import load_plan
+from pipeline.train.loader import MixtureLoader
 
 def rss_mb():
     with open("/proc/self/statm") as fh:
