@@ -112,7 +112,6 @@ _N_EXACT_CODE = 6
 _NEAR_TARGETS = (0.95, 0.9, 0.85, 0.82, 0.8, 0.75, 0.7, 0.6, 0.5, 0.3)
 _NEAR_PER_TARGET = 15
 _NEAR_TOL = 0.02
-_SHORT_LIMIT = 200  # SlimPajama drops docs with fewer normalized chars
 _ZSTD_LEVEL = 3
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
