@@ -26,8 +26,8 @@ import numpy as np
 from . import storage
 from .formats import FormatError, litpkds
 from .formats.manifest import Manifest, load_manifest, shard_prefix
+from .formats.megatron import read_index
 from .layout import as_run
-from .stats.summary import read_index
 
 SPLITS = ("train", "validation")
 EXPORT_INFO = "tinyprep-export.json"  # written next to LITPKDS chunks by `tinyprep export`

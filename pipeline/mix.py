@@ -24,8 +24,6 @@ import hashlib
 import logging
 import math
 
-import orjson
-
 from . import storage
 from .formats import FormatError
 from .formats.manifest import (
@@ -33,8 +31,8 @@ from .formats.manifest import (
     Mixture,
     MixtureSource,
     manifest_fingerprint,
-    parse_manifest,
     parse_mixture,
+    read_manifest,
     samples_per_epoch,
     write_mixture,
 )
@@ -62,15 +60,11 @@ def largest_remainder(weights: list[float], total: int) -> list[int]:
 
 
 def load_run_manifest(run: RunDir) -> tuple[Manifest, bytes]:
-    url = run.manifest
+    """RUN/manifest.json and its bytes; a missing or invalid one stops the stage (MixError)."""
     try:
-        raw = storage.read_bytes(url)
-    except FileNotFoundError:
-        raise MixError(f"{url}: missing; run the tokenize stage first") from None
-    try:
-        return parse_manifest(orjson.loads(raw), url), raw
-    except (orjson.JSONDecodeError, FormatError) as e:
-        raise MixError(f"{url}: {e}" if isinstance(e, orjson.JSONDecodeError) else str(e)) from None
+        return read_manifest(run)
+    except FormatError as e:
+        raise MixError(str(e)) from None
 
 
 def check_tokenizer(recipe: Recipe, run: RunDir, manifest: Manifest) -> None:

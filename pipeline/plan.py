@@ -13,6 +13,7 @@ import re
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -198,135 +199,175 @@ def _tokenizer_measure(recipe: Recipe, texts: list[str]) -> tuple[float, float] 
     return ntok / cpu, sum(len(t.encode()) for t in texts) / max(ntok, 1)
 
 
+@dataclass(frozen=True)
+class _Rates:
+    """What the stage estimates need of a source beyond the numbers the plan reports (per core)."""
+
+    ingest: float  # input bytes per CPU second
+    dedup: float | None  # text bytes per CPU second for the whole dedup stage; None without dedup
+    tokenize: float  # tokens per CPU second
+    parquet_per_text: float  # bytes of docs parquet per byte of text
+
+
 def make_plan(recipe: Recipe, nodes: int = 1, cpus: int | None = None, sample_mb: float = 8.0) -> dict:
     cpus = cpus or os.cpu_count() or 1
     limit = int(sample_mb * (1 << 20))
-    stages = recipe.stages
     assumptions = [f"parallel efficiency {PARALLEL_EFFICIENCY} (measured 1 vs 2 workers, tests/benchmarks/README.md), "
                    f"held constant for any node count: wall = core-hours / (nodes x cpus x {PARALLEL_EFFICIENCY})"]
-    sources = {}
+    sources: dict[str, dict] = {}
+    rates: dict[str, _Rates] = {}
     with tempfile.TemporaryDirectory(prefix="tinyprep-plan-") as tmp:
         for src in recipe.sources:
-            a = []
-            try:
-                files = _list_with_timeout(src)
-                known = [f.size for f in files if f.size >= 0]
-                input_bytes = int(sum(known) / len(known) * len(files)) if known else None
-                nfiles = len(files)
-                if input_bytes is None:
-                    if src.size_gb is None:
-                        raise OSError("the listing gives no file sizes")
-                    input_bytes = int(src.size_gb * 1e9)
-                    a.append(f"{src.name}: file sizes unknown: size_gb {src.size_gb:g} from the recipe")
-                elif len(known) < nfiles:
-                    a.append(f"{src.name}: {nfiles - len(known)} file sizes unknown: taken as the mean")
-            except Exception as e:  # noqa: BLE001 - no listing: the recipe's size_gb, else an error
-                if src.size_gb is None:
-                    raise PlanError(f"source {src.name}: inputs could not be listed ({_short(e)}) "
-                                    "and the recipe gives no size_gb for it") from None
-                files, nfiles, input_bytes = [], None, int(src.size_gb * 1e9)
-                a.append(f"inputs of {src.name} could not be listed ({_short(e)}): size_gb {src.size_gb:g} "
-                         "from the recipe")
-            m = None
-            if files:
-                try:
-                    m = _sample_ingest(_sample_recipe(recipe, src, False), src, _pick(files, limit), limit,
-                                       os.path.join(tmp, src.name))
-                    measured_on = "its own inputs"
-                except Exception as e:  # noqa: BLE001 - unreadable: the bundled sample
-                    a.append(f"{src.name}: inputs unreadable ({_short(e)})")
-            if m is None:
-                bfiles, kind = _bundled_files(src, tmp)
-                m = _sample_ingest(_sample_recipe(recipe, src, True), src.model_copy(update={"download": False}),
-                                   _pick(bfiles, limit), limit, os.path.join(tmp, src.name + "-bundled"))
-                measured_on = f"the bundled sample ({kind})"
-                a.append(f"{src.name}: rates and ratios measured on the bundled sample ({kind}, same format) "
-                         "because the inputs are unreachable")
-            texts = m["texts"]
-            text_per_in = m["bytes_kept"] / max(m["input_bytes"], 1)
-            kept_frac = m["kept"] / max(m["read"], 1)
-            doc_bytes = m["bytes_kept"] / max(m["kept"], 1)
-            ingest_rate = m["input_bytes"] / max(m["cpu_s"], 1e-6)
-            text_bytes = input_bytes * text_per_in
-            if "dedup" in stages:
-                sig_cpu, dup_docs, dup_bytes = _dedup_measure(recipe, texts)
-                dedup_rate = sum(len(t.encode()) for t in texts) / max(sig_cpu, 1e-6) / DEDUP_PHASE_FACTOR
-                a.append(f"{src.name}: duplicate rate {dup_bytes:.1%} of bytes ({dup_docs:.1%} of documents), "
-                         f"measured within the sample ({'exact' if recipe.dedup.exact else ''}"
-                         f"{' + LSH band collisions' if recipe.dedup.fuzzy else ''}, unverified): a lower bound "
-                         "for the global rate")
-            else:
-                dup_docs = dup_bytes = 0.0
-                dedup_rate = None
-            kept_text = text_bytes * (1 - dup_bytes)
-            docs = text_bytes / doc_bytes * (1 - dup_docs) if doc_bytes else 0
-            tok = _tokenizer_measure(recipe, texts)
-            if tok:
-                tok_rate, bpt = tok
-                a.append(f"{src.name}: tokenizer {recipe.tokenizer.model}: {bpt:.2f} bytes/token, "
-                         f"{tok_rate / 1e6:.2f}M tokens/s per core measured")
-            else:
-                kind = "code" if src.text_field == "content" or _CODE_NAME.search(src.name) else "prose"
-                bpt, tok_rate = BYTES_PER_TOKEN[kind], DEFAULT_TOKENS_PER_S
-                a.append(f"{src.name}: no tokenizer file: assumed {bpt} bytes/token ({kind}) and "
-                         f"{tok_rate / 1e6:.2f}M tokens/s per core (tinyprep encoder, cold cache, "
-                         "tests/benchmarks/README.md)")
-            tokens = kept_text / bpt + (docs if recipe.tokenize.bos else 0) + (docs if recipe.tokenize.eos else 0)
-            sources[src.name] = {
-                "input_bytes": input_bytes, "input_files": nfiles, "text_bytes": int(text_bytes),
-                "documents_read": int(text_bytes / doc_bytes / kept_frac) if doc_bytes and kept_frac else 0,
-                "kept_fraction": kept_frac, "documents": int(docs), "duplicate_rate": dup_bytes,
-                "tokens": int(tokens), "bytes_per_token": bpt, "measured_on": measured_on,
-                "rates_per_core": {"ingest_mb_s": ingest_rate / 1e6, "tokenize_tokens_s": tok_rate,
-                                   "dedup_mb_s": dedup_rate / 1e6 if dedup_rate else None},
-                "sample": {"input_bytes": m["input_bytes"], "documents": m["read"], "cpu_s": round(m["cpu_s"], 3)},
-                "_parquet_per_text": m["parquet_bytes"] / max(m["bytes_kept"], 1),
-                "_kept_text": kept_text, "_tok_rate": tok_rate, "_dedup_rate": dedup_rate,
-                "_ingest_rate": ingest_rate,
-            }
-            assumptions += a
-        if "dedup" not in stages:
+            sources[src.name], rates[src.name] = _plan_source(recipe, src, limit, tmp, assumptions)
+        if "dedup" not in recipe.stages:
             assumptions.append("dedup not in the recipe's stages: duplicate rate 0")
         else:
             assumptions.append(f"dedup CPU: the MinHash signature rate divided by {DEDUP_PHASE_FACTOR} for the "
                                "buckets / verify / components / apply phases (not measured)")
-    slots = nodes * cpus * PARALLEL_EFFICIENCY
-    stage_out = {}
-    srcs = sources.values()
-    dl = [s for s in recipe.sources if s.download]
-    if "download" in stages:
-        b = sum(sources[s.name]["input_bytes"] for s in dl)
-        wall = b / (DOWNLOAD_MB_S_PER_NODE * 1e6 * nodes)
-        stage_out["download"] = {"core_hours": 0.0, "wall_hours": wall / 3600, "disk_bytes": b}
-        assumptions.append(f"download: network-bound at an assumed {DOWNLOAD_MB_S_PER_NODE:g} MB/s per node "
-                           "(not measured), no CPU counted")
-    if "ingest" in stages:
-        cs = sum(s["input_bytes"] / s["_ingest_rate"] for s in srcs)
-        pb = sum(s["text_bytes"] * s["_parquet_per_text"] for s in srcs)
-        stage_out["ingest"] = {"core_hours": cs / 3600, "wall_hours": cs / slots / 3600, "disk_bytes": int(pb)}
-    if "dedup" in stages:
-        cs = sum(s["text_bytes"] / s["_dedup_rate"] for s in srcs if s["_dedup_rate"])
-        stage_out["dedup"] = {"core_hours": cs / 3600, "wall_hours": cs / slots / 3600,
-                              "disk_bytes": int(sum(s["documents_read"] for s in srcs) * 16 * recipe.dedup.bands)}
-        assumptions.append(f"dedup disk: 16 bytes per document and band ({recipe.dedup.bands} bands)")
-    if "tokenize" in stages:
-        cs = sum(s["tokens"] / s["_tok_rate"] for s in srcs)
-        width = 2
-        stage_out["tokenize"] = {"core_hours": cs / 3600, "wall_hours": cs / slots / 3600,
-                                 "disk_bytes": int(sum(s["tokens"] for s in srcs) * width)}
-        assumptions.append("shards: 2 bytes/token (uint16, vocabularies below 65,500 pieces)")
-    if "mix" in stages:
-        stage_out["mix"] = {"core_hours": 0.0, "wall_hours": 0.0, "disk_bytes": 0}
-        assumptions.append("mix: reads the manifest only; negligible")
-    for s in srcs:
-        for k in [k for k in s if k.startswith("_")]:
-            del s[k]
+    stage_out = _plan_stages(recipe, sources, rates, nodes, nodes * cpus * PARALLEL_EFFICIENCY, assumptions)
     total = {k: sum(v[k] for v in stage_out.values()) for k in ("core_hours", "wall_hours", "disk_bytes")}
-    total["tokens"] = sum(s["tokens"] for s in srcs)
-    total["documents"] = sum(s["documents"] for s in srcs)
+    total["tokens"] = sum(s["tokens"] for s in sources.values())
+    total["documents"] = sum(s["documents"] for s in sources.values())
     return {"recipe": recipe.name, "nodes": nodes, "cpus_per_node": cpus, "sample_mb": sample_mb,
             "parallel_efficiency": PARALLEL_EFFICIENCY, "sources": sources, "stages": stage_out,
             "total": total, "assumptions": assumptions}
+
+
+def _plan_source(recipe: Recipe, src: SourceConfig, limit: int, tmp: str, notes: list[str]) -> tuple[dict, _Rates]:
+    """A source's estimates (the plan's `sources` entry) and rates, measured on a sample of its
+    inputs; what is assumed is appended to notes."""
+    files, nfiles, input_bytes = _input_size(src, notes)
+    m, measured_on = _measure_sample(recipe, src, files, limit, tmp, notes)
+    texts = m["texts"]
+    text_per_in = m["bytes_kept"] / max(m["input_bytes"], 1)
+    kept_frac = m["kept"] / max(m["read"], 1)
+    doc_bytes = m["bytes_kept"] / max(m["kept"], 1)
+    ingest_rate = m["input_bytes"] / max(m["cpu_s"], 1e-6)
+    text_bytes = input_bytes * text_per_in
+    dup_docs, dup_bytes, dedup_rate = _dedup_estimate(recipe, src, texts, notes)
+    kept_text = text_bytes * (1 - dup_bytes)
+    docs = text_bytes / doc_bytes * (1 - dup_docs) if doc_bytes else 0
+    tok_rate, bpt = _tokenize_estimate(recipe, src, texts, notes)
+    tokens = kept_text / bpt + (docs if recipe.tokenize.bos else 0) + (docs if recipe.tokenize.eos else 0)
+    estimate = {
+        "input_bytes": input_bytes, "input_files": nfiles, "text_bytes": int(text_bytes),
+        "documents_read": int(text_bytes / doc_bytes / kept_frac) if doc_bytes and kept_frac else 0,
+        "kept_fraction": kept_frac, "documents": int(docs), "duplicate_rate": dup_bytes,
+        "tokens": int(tokens), "bytes_per_token": bpt, "measured_on": measured_on,
+        "rates_per_core": {"ingest_mb_s": ingest_rate / 1e6, "tokenize_tokens_s": tok_rate,
+                           "dedup_mb_s": dedup_rate / 1e6 if dedup_rate else None},
+        "sample": {"input_bytes": m["input_bytes"], "documents": m["read"], "cpu_s": round(m["cpu_s"], 3)},
+    }
+    return estimate, _Rates(ingest=ingest_rate, dedup=dedup_rate, tokenize=tok_rate,
+                            parquet_per_text=m["parquet_bytes"] / max(m["bytes_kept"], 1))
+
+
+def _input_size(src: SourceConfig, notes: list[str]) -> tuple[list, int | None, int]:
+    """(files, file count or None, input bytes) from the listing, else from the recipe's size_gb."""
+    try:
+        files = _list_with_timeout(src)
+        known = [f.size for f in files if f.size >= 0]
+        input_bytes = int(sum(known) / len(known) * len(files)) if known else None
+        nfiles = len(files)
+        if input_bytes is None:
+            if src.size_gb is None:
+                raise OSError("the listing gives no file sizes")
+            input_bytes = int(src.size_gb * 1e9)
+            notes.append(f"{src.name}: file sizes unknown: size_gb {src.size_gb:g} from the recipe")
+        elif len(known) < nfiles:
+            notes.append(f"{src.name}: {nfiles - len(known)} file sizes unknown: taken as the mean")
+        return files, nfiles, input_bytes
+    except Exception as e:  # noqa: BLE001 - no listing: the recipe's size_gb, else an error
+        if src.size_gb is None:
+            raise PlanError(f"source {src.name}: inputs could not be listed ({_short(e)}) "
+                            "and the recipe gives no size_gb for it") from None
+        notes.append(f"inputs of {src.name} could not be listed ({_short(e)}): size_gb {src.size_gb:g} "
+                     "from the recipe")
+        return [], None, int(src.size_gb * 1e9)
+
+
+def _measure_sample(recipe: Recipe, src: SourceConfig, files, limit: int, tmp: str,
+                    notes: list[str]) -> tuple[dict, str]:
+    """(_sample_ingest's measurements, what they were measured on): the source's own inputs, or
+    the bundled sample of the same format when they cannot be listed or read."""
+    if files:
+        try:
+            m = _sample_ingest(_sample_recipe(recipe, src, False), src, _pick(files, limit), limit,
+                               os.path.join(tmp, src.name))
+            return m, "its own inputs"
+        except Exception as e:  # noqa: BLE001 - unreadable: the bundled sample
+            notes.append(f"{src.name}: inputs unreadable ({_short(e)})")
+    bfiles, kind = _bundled_files(src, tmp)
+    m = _sample_ingest(_sample_recipe(recipe, src, True), src.model_copy(update={"download": False}),
+                       _pick(bfiles, limit), limit, os.path.join(tmp, src.name + "-bundled"))
+    notes.append(f"{src.name}: rates and ratios measured on the bundled sample ({kind}, same format) "
+                 "because the inputs are unreachable")
+    return m, f"the bundled sample ({kind})"
+
+
+def _dedup_estimate(recipe: Recipe, src: SourceConfig, texts: list[str],
+                    notes: list[str]) -> tuple[float, float, float | None]:
+    """(duplicate fraction of documents, of bytes, dedup text bytes per CPU second); no
+    duplicates and no rate when the recipe does not dedup."""
+    if "dedup" not in recipe.stages:
+        return 0.0, 0.0, None
+    sig_cpu, dup_docs, dup_bytes = _dedup_measure(recipe, texts)
+    dedup_rate = sum(len(t.encode()) for t in texts) / max(sig_cpu, 1e-6) / DEDUP_PHASE_FACTOR
+    notes.append(f"{src.name}: duplicate rate {dup_bytes:.1%} of bytes ({dup_docs:.1%} of documents), "
+                 f"measured within the sample ({'exact' if recipe.dedup.exact else ''}"
+                 f"{' + LSH band collisions' if recipe.dedup.fuzzy else ''}, unverified): a lower bound "
+                 "for the global rate")
+    return dup_docs, dup_bytes, dedup_rate
+
+
+def _tokenize_estimate(recipe: Recipe, src: SourceConfig, texts: list[str], notes: list[str]) -> tuple[float, float]:
+    """(tokens per CPU second, bytes per token): measured with the recipe's tokenizer.model, else assumed."""
+    tok = _tokenizer_measure(recipe, texts)
+    if tok:
+        tok_rate, bpt = tok
+        notes.append(f"{src.name}: tokenizer {recipe.tokenizer.model}: {bpt:.2f} bytes/token, "
+                     f"{tok_rate / 1e6:.2f}M tokens/s per core measured")
+        return tok_rate, bpt
+    kind = "code" if src.text_field == "content" or _CODE_NAME.search(src.name) else "prose"
+    bpt, tok_rate = BYTES_PER_TOKEN[kind], DEFAULT_TOKENS_PER_S
+    notes.append(f"{src.name}: no tokenizer file: assumed {bpt} bytes/token ({kind}) and "
+                 f"{tok_rate / 1e6:.2f}M tokens/s per core (tinyprep encoder, cold cache, "
+                 "tests/benchmarks/README.md)")
+    return tok_rate, bpt
+
+
+def _plan_stages(recipe: Recipe, sources: dict[str, dict], rates: dict[str, _Rates], nodes: int, slots: float,
+                 notes: list[str]) -> dict[str, dict]:
+    """core_hours, wall_hours and disk_bytes of each of the recipe's stages; `slots` is the
+    effective number of cores (nodes x cpus x parallel efficiency)."""
+    stages = recipe.stages
+    srcs = sources.values()
+    stage_out = {}
+    if "download" in stages:
+        b = sum(sources[s.name]["input_bytes"] for s in recipe.sources if s.download)
+        wall = b / (DOWNLOAD_MB_S_PER_NODE * 1e6 * nodes)
+        stage_out["download"] = {"core_hours": 0.0, "wall_hours": wall / 3600, "disk_bytes": b}
+        notes.append(f"download: network-bound at an assumed {DOWNLOAD_MB_S_PER_NODE:g} MB/s per node "
+                     "(not measured), no CPU counted")
+    if "ingest" in stages:
+        cs = sum(s["input_bytes"] / rates[n].ingest for n, s in sources.items())
+        pb = sum(s["text_bytes"] * rates[n].parquet_per_text for n, s in sources.items())
+        stage_out["ingest"] = {"core_hours": cs / 3600, "wall_hours": cs / slots / 3600, "disk_bytes": int(pb)}
+    if "dedup" in stages:
+        cs = sum(s["text_bytes"] / rates[n].dedup for n, s in sources.items() if rates[n].dedup)
+        stage_out["dedup"] = {"core_hours": cs / 3600, "wall_hours": cs / slots / 3600,
+                              "disk_bytes": int(sum(s["documents_read"] for s in srcs) * 16 * recipe.dedup.bands)}
+        notes.append(f"dedup disk: 16 bytes per document and band ({recipe.dedup.bands} bands)")
+    if "tokenize" in stages:
+        cs = sum(s["tokens"] / rates[n].tokenize for n, s in sources.items())
+        width = 2
+        stage_out["tokenize"] = {"core_hours": cs / 3600, "wall_hours": cs / slots / 3600,
+                                 "disk_bytes": int(sum(s["tokens"] for s in srcs) * width)}
+        notes.append("shards: 2 bytes/token (uint16, vocabularies below 65,500 pieces)")
+    if "mix" in stages:
+        stage_out["mix"] = {"core_hours": 0.0, "wall_hours": 0.0, "disk_bytes": 0}
+        notes.append("mix: reads the manifest only; negligible")
+    return stage_out
 
 
 def _short(e: BaseException) -> str:

@@ -6,7 +6,6 @@ Errors never surface as tracebacks: `RecipeError` names the file and the key pat
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -295,15 +294,6 @@ class Recipe(_Model):
             if s.name == name:
                 return s
         raise KeyError(name)
-
-    def fingerprint(self, *parts: Any) -> str:
-        """A short stable hash of parts of the recipe (used in task fingerprints)."""
-        h = hashlib.sha256()
-        for p in parts:
-            if isinstance(p, BaseModel):
-                p = p.model_dump(mode="json", by_alias=True)
-            h.update(orjson.dumps(p, option=orjson.OPT_SORT_KEYS))
-        return h.hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -21,6 +21,8 @@ comes from the source files themselves. There are no timestamps and the only ran
 is ``random.Random`` with fixed seeds, so the same machine and the same code give
 byte-identical files (zstd level and parquet settings are fixed too). Another Python
 version or build gives a different, equally valid, sample.
+This module plants the documents; pipeline/sample_stdlib.py reads the standard library and
+pipeline/sample_files.py places the records into files and writes them.
 
 Layout under ``out_dir``::
 
@@ -51,7 +53,6 @@ and atomic (files are written to a temporary directory and renamed into place).
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import math
@@ -60,12 +61,15 @@ import platform
 import random
 import re
 import shutil
-import sysconfig
 import tempfile
 import unicodedata
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import storage
+from .sample_files import starcoder_schema, write_slimpajama, write_starcoderdata
+from .sample_stdlib import code_files, collect_docstrings, stdlib_files, stdlib_root
 from .text import slimpajama_normalize
 
 __all__ = [
@@ -98,9 +102,6 @@ STARCODER_COLUMNS = ("id", "content", "max_stars_repo_path", "max_stars_repo_nam
 STARCODER_LANGUAGES = {"python": ".py", "json": ".json", "xml": ".xml", "toml": ".toml"}
 
 # Shape of the sample.
-_SLIM_CHUNKS = 2
-_SLIM_FILES_PER_CHUNK = 5
-_PYTHON_PARQUET_FILES = 3
 _PROSE_BUDGET = 1_350_000  # chars of docstrings collected (bounds the ast parsing time)
 _PYTHON_BUDGET = 11_000_000 # bytes of Python source in starcoderdata/python
 _GITHUB_FRACTION = 0.10
@@ -112,10 +113,6 @@ _N_EXACT_CODE = 6
 _NEAR_TARGETS = (0.95, 0.9, 0.85, 0.82, 0.8, 0.75, 0.7, 0.6, 0.5, 0.3)
 _NEAR_PER_TARGET = 15
 _NEAR_TOL = 0.02
-_SHORT_LIMIT = 200  # SlimPajama drops docs with fewer normalized chars
-_ZSTD_LEVEL = 3
-_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 _MANAGED = ("slimpajama", "starcoderdata", "planted.json")
 
 _WS_RE = re.compile(r"\s+")
@@ -155,93 +152,6 @@ def jaccard(a: str | set[str], b: str | set[str], n: int = 13) -> float:
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def starcoder_schema():
-    """The pyarrow schema of the Starcoderdata parquet files."""
-    import pyarrow as pa
-
-    return pa.schema([
-        ("id", pa.string()),
-        ("content", pa.string()),
-        ("max_stars_repo_path", pa.string()),
-        ("max_stars_repo_name", pa.string()),
-        ("max_stars_count", pa.int64()),
-    ])
-
-
-# --------------------------------------------------------------------------- source material
-def _stdlib_files(root: Path) -> list[str]:
-    """Relative paths (with '/') of the stdlib's files, in sorted order."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
-        rel = os.path.relpath(dirpath, root)
-        for name in sorted(filenames):
-            out.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
-    return out
-
-
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-_DOC_KINDS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-_STMT_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
-
-
-def _docstring_owners(tree: ast.AST):
-    """Module, class and function nodes of ``tree`` in source order (statements only: much
-    cheaper than ``ast.walk``, and defs can only appear in statement lists)."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, _DOC_KINDS):
-            yield node
-        children = []
-        for field in _STMT_FIELDS:
-            value = getattr(node, field, None)
-            if isinstance(value, list):
-                children.extend(c for c in value if isinstance(c, ast.AST))
-        stack.extend(reversed(children))
-
-
-def _collect_docstrings(root: Path, files: list[str]) -> list[str]:
-    """Unique (after normalization), NFC-normalized docstrings of non-test modules, in order."""
-    seen: set[str] = set()
-    out: list[str] = []
-    total = 0
-    for rel in files:
-        if not rel.endswith(".py") or _TEST_DIRS.intersection(rel.split("/")[:-1]):
-            continue
-        src = _read_text(root / rel)
-        if src is None or ('"""' not in src and "'''" not in src):  # cheap skip: no docstrings
-            continue
-        try:
-            tree = ast.parse(src)
-        except (SyntaxError, ValueError):
-            continue
-        for node in _docstring_owners(tree):
-            doc = ast.get_docstring(node)
-            if not doc:
-                continue
-            try:
-                doc.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates from escapes
-                continue
-            doc = unicodedata.normalize("NFC", doc.strip())
-            key = slimpajama_normalize(doc)
-            if len(key) < 20 or key in seen:
-                continue
-            seen.add(key)
-            out.append(doc)
-            total += len(doc)
-        if total >= _PROSE_BUDGET:
-            break
-    return out
 
 
 # --------------------------------------------------------------------------- prose documents
@@ -373,31 +283,6 @@ def _make_nfd(rng: random.Random, text: str) -> str:
     return unicodedata.normalize("NFD", unicodedata.normalize("NFC", " ".join(words)))
 
 
-# --------------------------------------------------------------------------- placement
-def _place(rng: random.Random, records: list[dict], nfiles: int) -> list[list[dict]]:
-    """Spread records over files: free records round-robin after a shuffle, copies (records
-    with "copy_of") into a file holding no other member of their group; then shuffle each file."""
-    free = [r for r in records if "copy_of" not in r]
-    rng.shuffle(free)
-    files: list[list[dict]] = [[] for _ in range(nfiles)]
-    for i, r in enumerate(free):
-        r["_file"] = i % nfiles
-        files[i % nfiles].append(r)
-    for r in records:
-        if "copy_of" in r:
-            taken = {r["copy_of"]["_file"]} | {c["_file"] for c in r["copy_of"].get("_copies", [])}
-            choices = [f for f in range(nfiles) if f not in taken] or list(range(nfiles))
-            r["_file"] = rng.choice(choices)
-            r["copy_of"].setdefault("_copies", []).append(r)
-            files[r["_file"]].append(r)
-    for f in files:
-        rng.shuffle(f)
-        for row, r in enumerate(f):
-            r["_row"] = row
-    return files
-
-
-# --------------------------------------------------------------------------- main entry
 def _fake_repo(rel: str, owner_salt: int = 0) -> tuple[str, int]:
     top = rel.split("/")[0]
     top = top[:-3] if top.endswith(".py") else top.rsplit(".", 1)[0]
@@ -408,22 +293,30 @@ def _fake_repo(rel: str, owner_salt: int = 0) -> tuple[str, int]:
     return name, stars
 
 
-def _build(root_out: Path) -> dict:
-    import orjson
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import zstandard
+# --------------------------------------------------------------------------- planting
+@dataclass
+class _Planted:
+    """The records of both sources, in the order placement sees them, and what was planted in
+    them (the ground truth of planted.json). Records are dicts; placement adds "_file", "_row"
+    and writing "_loc" to them."""
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = _stdlib_files(stdlib)
+    slim: list[dict]
+    shorts: list[dict]
+    star: dict[str, list[dict]] = field(default_factory=dict)
+    nfd: list[dict] = field(default_factory=list)
+    exact_groups: list[dict] = field(default_factory=list)
+    near_pairs: list[dict] = field(default_factory=list)
 
-    # ---- prose
-    pool = _collect_docstrings(stdlib, files)
+
+def _plant_prose(stdlib: Path, files: list[str]) -> _Planted:
+    """Prose documents from the docstrings, with exact copies, NFD documents and near duplicates."""
+    pool = collect_docstrings(stdlib, files, _PROSE_BUDGET)
     vocab = sorted({w.lower() for d in pool[:2000] for w in _WORD_RE.findall(d)})
     shorts, docs = _build_prose(random.Random(SEED + 1), pool)
     seen_text = {_sha(d["text"]) for d in shorts + docs}
     if len(seen_text) != len(shorts) + len(docs):
         raise RuntimeError("internal error: accidental duplicate prose documents")
+    planted = _Planted(slim=shorts + docs, shorts=shorts)
 
     role_rng = random.Random(SEED + 2)
     mid = [d for d in docs if d["set"] != "RedPajamaBook" and 1000 <= len(d["text"]) <= 4000]
@@ -431,33 +324,43 @@ def _build(root_out: Path) -> dict:
     other = [d for d in docs if d["set"] != "RedPajamaBook" and id(d) not in mid_ids]
     role_rng.shuffle(mid)
     role_rng.shuffle(other)
-
-    slim_records: list[dict] = shorts + docs
-    exact_groups: list[dict] = []
-    # exact duplicates of prose: the first 6 originals are StackExchange docs copied as CommonCrawl
+    # the first 6 exact originals are StackExchange docs, copied as CommonCrawl (a cross-set duplicate)
     se = [d for d in other if d["set"] == "RedPajamaStackExchange"][:6]
     se_ids = {id(d) for d in se}
-    rest_other = [d for d in other if id(d) not in se_ids]
-    originals = se + rest_other[: _N_EXACT_PROSE - len(se)]
+    candidates = se + [d for d in other if id(d) not in se_ids]
+    _plant_exact_prose(role_rng, candidates[:_N_EXACT_PROSE], planted)
+    planted.nfd = _plant_nfd(role_rng, candidates[_N_EXACT_PROSE:_N_EXACT_PROSE + _N_NFD], seen_text)
+    _plant_near(random.Random(SEED + 3), mid, vocab, seen_text, planted)
+    return planted
+
+
+def _plant_exact_prose(rng: random.Random, originals: list[dict], planted: _Planted) -> None:
+    """1 to 3 verbatim copies of each original."""
     for d in originals:
         d["role"] = "exact"
         group = {"original": d, "copies": []}
-        for _ in range(role_rng.randint(1, 3)):
+        for _ in range(rng.randint(1, 3)):
             name = "RedPajamaCommonCrawl" if d["set"] == "RedPajamaStackExchange" else d["set"]
             c = {"text": d["text"], "set": name, "role": "exact_copy", "copy_of": d}
             group["copies"].append(c)
-            slim_records.append(c)
-        exact_groups.append(group)
-    nfd_docs = rest_other[_N_EXACT_PROSE - len(se): _N_EXACT_PROSE - len(se) + _N_NFD]
-    if len(nfd_docs) < _N_NFD:
+            planted.slim.append(c)
+        planted.exact_groups.append(group)
+
+
+def _plant_nfd(rng: random.Random, docs: list[dict], seen_text: set[str]) -> list[dict]:
+    """Turn the documents into NFD text (in place)."""
+    if len(docs) < _N_NFD:
         raise RuntimeError("not enough prose for NFD documents")
-    for d in nfd_docs:
-        d["text"] = _make_nfd(role_rng, d["text"])
+    for d in docs:
+        d["text"] = _make_nfd(rng, d["text"])
         d["role"] = "nfd"
         seen_text.add(_sha(d["text"]))
+    return docs
 
-    near_pairs: list[dict] = []
-    near_rng = random.Random(SEED + 3)
+
+def _plant_near(rng: random.Random, mid: list[dict], vocab: list[str], seen_text: set[str],
+                planted: _Planted) -> None:
+    """_NEAR_PER_TARGET near duplicates of 1-4 KB documents for every target Jaccard."""
     cands = iter(mid)
     for target in _NEAR_TARGETS:
         made = 0
@@ -465,40 +368,39 @@ def _build(root_out: Path) -> dict:
             a = next(cands, None)
             if a is None:
                 raise RuntimeError("not enough 1-4 KB prose documents for near duplicates")
-            res = _make_near_duplicate(near_rng, a["text"], target, vocab)
+            res = _make_near_duplicate(rng, a["text"], target, vocab)
             if res is None or _sha(res[0]) in seen_text:
                 continue
             b_text, j = res
             seen_text.add(_sha(b_text))
             a["role"] = "near_a"
             b = {"text": b_text, "set": a["set"], "role": "near_b"}
-            slim_records.append(b)
-            near_pairs.append({"a": a, "b": b, "target": target, "jaccard": j})
+            planted.slim.append(b)
+            planted.near_pairs.append({"a": a, "b": b, "target": target, "jaccard": j})
             made += 1
 
-    # ---- code files
+
+def _plant_code(stdlib: Path, files: list[str], planted: _Planted) -> None:
+    """Starcoderdata records per language, RedPajamaGithub rows in slimpajama (about
+    _GITHUB_FRACTION of its rows), and exact duplicates of code across both sources."""
     code_rng = random.Random(SEED + 4)
-    seen_code: set[str] = set()
-    by_lang: dict[str, list[tuple[str, str]]] = {k: [] for k in STARCODER_LANGUAGES}
-    for rel in files:
-        for lang, ext in STARCODER_LANGUAGES.items():
-            if rel.endswith(ext):
-                text = _read_text(stdlib / rel)
-                limit = 100_000 if lang == "python" else 1_000_000
-                if text is None or not text.strip() or len(text) > limit or (lang == "python" and len(text) < 200):
-                    break
-                h = _sha(text)
-                if h in seen_code:
-                    break
-                seen_code.add(h)
-                by_lang[lang].append((rel, text))
-                break
-    py_files = by_lang["python"]
-    code_rng.shuffle(py_files)
-    n_prose_rows = len(slim_records)
-    n_github = round(n_prose_rows * _GITHUB_FRACTION / (1 - _GITHUB_FRACTION))
-    n_github_own = n_github - _N_EXACT_CODE
-    github_src = [f for f in py_files if 500 <= len(f[1]) <= 40_000][:n_github_own]
+    by_lang = code_files(stdlib, files, STARCODER_LANGUAGES)
+    code_rng.shuffle(by_lang["python"])
+    n_github = round(len(planted.slim) * _GITHUB_FRACTION / (1 - _GITHUB_FRACTION))
+    github_src, by_lang["python"] = _split_python(by_lang["python"], n_github - _N_EXACT_CODE)
+    for rel, text in github_src:
+        planted.slim.append({"text": text, "set": GITHUB_SET, "role": "github"})
+    for lang, items in by_lang.items():
+        planted.star[lang] = []
+        for rel, text in items:
+            repo, stars = _fake_repo(rel)
+            planted.star[lang].append({"content": text, "path": rel, "repo": repo, "stars": stars, "lang": lang})
+    _plant_exact_code(code_rng, planted)
+
+
+def _split_python(py_files: list[tuple[str, str]], n_github: int) -> tuple[list, list]:
+    """(the files that become RedPajamaGithub rows, starcoderdata's python files up to _PYTHON_BUDGET)."""
+    github_src = [f for f in py_files if 500 <= len(f[1]) <= 40_000][:n_github]
     github_set = {rel for rel, _ in github_src}
     star_py: list[tuple[str, str]] = []
     total = 0
@@ -509,112 +411,66 @@ def _build(root_out: Path) -> dict:
             break
         star_py.append((rel, text))
         total += len(text.encode("utf-8"))
-    by_lang["python"] = star_py
+    return github_src, star_py
 
-    for rel, text in github_src:
-        slim_records.append({"text": text, "set": GITHUB_SET, "role": "github"})
 
-    star_records: dict[str, list[dict]] = {}
-    for lang, items in by_lang.items():
-        recs = []
-        for rel, text in items:
-            repo, stars = _fake_repo(rel)
-            recs.append({"content": text, "path": rel, "repo": repo, "stars": stars, "lang": lang})
-        star_records[lang] = recs
-    # exact duplicates of code: a starcoder python file also appears as a RedPajamaGithub row,
-    # and half of them also as a fork in another python parquet file
-    code_originals = [r for r in star_records["python"] if 500 <= len(r["content"]) <= 20_000]
-    for i, r in enumerate(code_rng.sample(code_originals, _N_EXACT_CODE)):
+def _plant_exact_code(rng: random.Random, planted: _Planted) -> None:
+    """A starcoder python file also appears as a RedPajamaGithub row, and half of them also as a
+    fork in another python parquet file."""
+    code_originals = [r for r in planted.star["python"] if 500 <= len(r["content"]) <= 20_000]
+    for i, r in enumerate(rng.sample(code_originals, _N_EXACT_CODE)):
         group = {"original": r, "copies": []}
         c = {"text": r["content"], "set": GITHUB_SET, "role": "exact_copy"}
-        slim_records.append(c)
+        planted.slim.append(c)
         group["copies"].append(c)
         if i % 2 == 0:
             repo, stars = _fake_repo(r["path"], owner_salt=1 + i)
             fork = dict(r, repo=repo, stars=stars, copy_of=r)
-            star_records["python"].append(fork)
+            planted.star["python"].append(fork)
             group["copies"].append(fork)
-        exact_groups.append(group)
+        planted.exact_groups.append(group)
 
-    # ---- placement and writing: slimpajama
-    nfiles = _SLIM_CHUNKS * _SLIM_FILES_PER_CHUNK
-    slim_files = _place(random.Random(SEED + 5), slim_records, nfiles)
-    cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
-    counts: dict = {"files": {"slimpajama": {}, "starcoderdata": {}},
-                    "rows": {}, "sets": {}, "languages": {}, "text_bytes": {}}
-    slim_bytes = 0
-    for fi, recs in enumerate(slim_files):
-        rel = f"train/chunk{fi // _SLIM_FILES_PER_CHUNK + 1}/example_train_{fi % _SLIM_FILES_PER_CHUNK}.jsonl.zst"
-        lines = []
-        for r in recs:
-            r["_loc"] = {"source": "slimpajama", "path": rel, "row": r["_row"]}
-            lines.append(orjson.dumps({"text": r["text"], "meta": {"redpajama_set_name": r["set"]}}) + b"\n")
-            counts["sets"][r["set"]] = counts["sets"].get(r["set"], 0) + 1
-            slim_bytes += len(r["text"].encode("utf-8"))
-        dest = root_out / "slimpajama" / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(cctx.compress(b"".join(lines)))
-        counts["files"]["slimpajama"][rel] = len(recs)
-    counts["rows"]["slimpajama"] = len(slim_records)
-    counts["text_bytes"]["slimpajama"] = slim_bytes
 
-    # ---- placement and writing: starcoderdata
-    schema = starcoder_schema()
-    star_bytes = 0
-    next_id = 0
-    place_rng = random.Random(SEED + 6)
-    for lang, recs in star_records.items():
-        n = _PYTHON_PARQUET_FILES if lang == "python" else 1
-        pfiles = _place(place_rng, recs, n)
-        rg = max(1, math.ceil(max(len(f) for f in pfiles) / 5))
-        for fi, frecs in enumerate(pfiles):
-            rel = f"{lang}/train-{fi:05d}-of-{n:05d}.parquet"
-            ids = []
-            for r in frecs:
-                r["_loc"] = {"source": "starcoderdata", "path": rel, "row": r["_row"]}
-                ids.append(str(next_id))
-                next_id += 1
-                star_bytes += len(r["content"].encode("utf-8"))
-            table = pa.table({
-                "id": pa.array(ids, pa.string()),
-                "content": pa.array([r["content"] for r in frecs], pa.string()),
-                "max_stars_repo_path": pa.array([r["path"] for r in frecs], pa.string()),
-                "max_stars_repo_name": pa.array([r["repo"] for r in frecs], pa.string()),
-                "max_stars_count": pa.array([r["stars"] for r in frecs], pa.int64()),
-            }, schema=schema)
-            dest = root_out / "starcoderdata" / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, dest, row_group_size=rg, compression="zstd", compression_level=_ZSTD_LEVEL,
-                           use_dictionary=True, write_statistics=True, version="2.6")
-            counts["files"]["starcoderdata"][rel] = len(frecs)
-        counts["languages"][lang] = len(recs)
-    counts["rows"]["starcoderdata"] = sum(counts["languages"].values())
-    counts["text_bytes"]["starcoderdata"] = star_bytes
-
+def _planted_info(planted: _Planted, counts: dict) -> dict:
+    """The contents of planted.json (locations come from writing)."""
     loc = lambda r: dict(r["_loc"])  # noqa: E731
-    info = {
+    return {
         "version": SAMPLE_VERSION,
         "seed": SEED,
         "python": platform.python_version(),
         "exact_duplicates": [
             {"original": loc(g["original"]), "copies": [loc(c) for c in g["copies"]],
              "sha256": _sha(g["original"].get("text", g["original"].get("content")))}
-            for g in exact_groups
+            for g in planted.exact_groups
         ],
         "near_duplicates": [
             {"a": loc(p["a"]), "b": loc(p["b"]), "target": p["target"], "jaccard": p["jaccard"]}
-            for p in near_pairs
+            for p in planted.near_pairs
         ],
-        "short_documents": [loc(d) for d in shorts],
+        "short_documents": [loc(d) for d in planted.shorts],
         "nfd_documents": [dict(loc(d), nfc_sha256=_sha(unicodedata.normalize("NFC", d["text"])))
-                          for d in nfd_docs],
+                          for d in planted.nfd],
         "github_rows": counts["sets"].get(GITHUB_SET, 0),
         "counts": counts,
     }
+
+
+def _build(root_out: Path) -> dict:
+    """Plant, place and write the whole sample under root_out; return planted.json's contents."""
+    stdlib = stdlib_root()
+    files = stdlib_files(stdlib)
+    planted = _plant_prose(stdlib, files)
+    _plant_code(stdlib, files, planted)
+    counts: dict = {"files": {"slimpajama": {}, "starcoderdata": {}},
+                    "rows": {}, "sets": {}, "languages": {}, "text_bytes": {}}
+    write_slimpajama(root_out, planted.slim, random.Random(SEED + 5), counts)
+    write_starcoderdata(root_out, planted.star, random.Random(SEED + 6), counts)
+    info = _planted_info(planted, counts)
     (root_out / "planted.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return info
 
 
+# --------------------------------------------------------------------------- main entry
 def _read_info(out_dir: Path) -> dict | None:
     try:
         if (out_dir / "SAMPLE_VERSION").read_text(encoding="utf-8").strip() != SAMPLE_VERSION:
@@ -645,7 +501,8 @@ def generate_sample(out_dir, *, force: bool = False) -> dict:
         if info is not None:
             return info
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(storage.temp_name(str(out_dir.parent / f".{out_dir.name}")))
+    tmp.mkdir(mode=0o700)  # private until renamed into place, as tempfile.mkdtemp would make it
     try:
         info = _build(tmp)
         (tmp / "SAMPLE_VERSION").write_text(SAMPLE_VERSION + "\n", encoding="utf-8")

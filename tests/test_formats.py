@@ -22,6 +22,7 @@ from pipeline.formats.manifest import (
     TokenizerInfo,
     load_manifest,
     load_mixture,
+    load_plan,
     make_manifest,
     manifest_fingerprint,
     parse_manifest,
@@ -36,6 +37,7 @@ from pipeline.formats.megatron import (
     MegatronWriter,
     check_vocab_fits,
     dtype_for_vocab,
+    read_index,
 )
 
 # --- independent readers, from the spec ---------------------------------------------------------
@@ -155,6 +157,33 @@ def test_reader_names_each_corruption(tmp_path, corrupt, message):
     corrupt(p)
     with pytest.raises(FormatError, match=message) as e:
         MegatronReader(str(p))
+    assert str(p) in str(e.value)
+
+
+def test_read_index_reads_only_the_index(tmp_path):
+    p = _shard(tmp_path)
+    want = spec_read_megatron(p)
+    dtype, lengths, pointers = read_index(str(p))
+    assert dtype == np.uint16 and lengths.tolist() == [len(d) for d in want]
+    assert pointers.tolist() == (np.cumsum([0] + lengths.tolist()[:-1]) * 2).tolist()
+    assert read_index(str(p), pointers=False)[2] is None
+    p.with_suffix(".bin").unlink()  # the .bin is never opened
+    assert read_index(str(p))[1].tolist() == lengths.tolist()
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (lambda p: p.with_suffix(".idx").write_bytes(b"NOTANIDX!" + p.with_suffix(".idx").read_bytes()[9:]), "bad magic"),
+    (lambda p: _patch(p.with_suffix(".idx"), 9, struct.pack("<Q", 2)), "unsupported index version 2"),
+    (lambda p: _patch(p.with_suffix(".idx"), 17, struct.pack("<B", 9)), "unknown dtype code 9"),
+    (lambda p: _truncate(p.with_suffix(".idx"), 8), "sequences and"),
+    (lambda p: _truncate(p.with_suffix(".idx"), 10 ** 6), "truncated header"),
+    (lambda p: p.with_suffix(".idx").unlink(), "missing"),
+])
+def test_read_index_names_each_corruption(tmp_path, corrupt, message):
+    p = _shard(tmp_path)
+    corrupt(p)
+    with pytest.raises(FormatError, match=message) as e:
+        read_index(str(p))
     assert str(p) in str(e.value)
 
 
@@ -301,6 +330,20 @@ def test_mixture_loads_and_checks_the_manifest(tmp_path):
     (tmp_path / "mixture.json").write_bytes(orjson.dumps(mix2))
     with pytest.raises(ManifestError, match="fingerprint"):
         load_mixture(str(tmp_path))
+
+
+def test_load_plan_reads_both_files_and_says_which_stage_is_missing(tmp_path):
+    mix = _mixture(tmp_path)
+    manifest, mixture = load_plan(str(tmp_path))
+    assert mixture.fingerprint == mix["fingerprint"]
+    assert [s.path for s in manifest.shards if s.split == "train"] == [p for s in mix["sources"] for p in s["shards"]]
+    assert load_mixture(str(tmp_path), check_manifest=False).fingerprint == mixture.fingerprint
+    (tmp_path / "mixture.json").unlink()
+    with pytest.raises(ManifestError, match="mixture.json: missing; run the mix stage first"):
+        load_plan(str(tmp_path))
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match="manifest.json: missing; run the tokenize stage first"):
+        load_plan(str(tmp_path))
 
 
 @pytest.mark.parametrize("edit,message", [

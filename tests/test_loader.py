@@ -7,12 +7,12 @@ import tracemalloc
 
 import numpy as np
 import pytest
+import synthetic
 
 from pipeline.formats import FormatError
-from pipeline.formats.manifest import ManifestError
+from pipeline.formats.manifest import ManifestError, load_plan
 from pipeline.formats.megatron import MegatronReader, MegatronWriter
-from pipeline.train import synthetic
-from pipeline.train.loader import MixtureIndex, MixtureLoader, check_world, load_plan
+from pipeline.train.loader import MixtureIndex, MixtureLoader, check_world
 from pipeline.train.mixing import PERIOD, MixtureSchedule
 from pipeline.train.permutation import FeistelPermutation, derive_keys
 

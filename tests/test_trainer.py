@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import synthetic
 import torch
 import yaml
 
 from pipeline.recipe import parse_recipe
-from pipeline.train import synthetic
 from pipeline.train.distributed import launch
 from pipeline.train.trainer import (
     FAULT_ENV,

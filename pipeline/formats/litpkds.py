@@ -54,10 +54,10 @@ def chunk_bytes(tokens: np.ndarray, dtype) -> bytes:
 class ChunkWriter:
     """Cut a token stream into full chunks `{prefix}_{counter:010d}.bin` under out_url.
 
-    `add(tokens)` appends to the stream and writes every chunk that fills; `remainder` is the
-    number of tokens of the unfinished last chunk, which `close()` drops and reports. The buffer
-    of a chunk starts filled with `sep` (as TinyLlama's PackedDatasetBuilder), which only shows
-    in a chunk that is written before it is full, and this writer never does that.
+    `add(tokens)` appends to the stream and writes every chunk that fills; `close()` drops the
+    unfinished last chunk and reports how many tokens it held. The buffer of a chunk starts
+    filled with `sep` (as TinyLlama's PackedDatasetBuilder), which only shows in a chunk that is
+    written before it is full, and this writer never does that.
     """
 
     def __init__(self, out_url: str, prefix: str, chunk_size: int, dtype, sep: int, first_counter: int = 0):
@@ -93,10 +93,6 @@ class ChunkWriter:
         self.tokens_written += self.chunk_size
         self._buf.fill(self.sep)
         self._fill = 0
-
-    @property
-    def remainder(self) -> int:
-        return self._fill
 
     def close(self) -> int:
         """Drop the unfinished last chunk; return how many tokens it held."""

@@ -193,11 +193,11 @@ def _header(data: Any, fmt: str, version: int, name: str) -> None:
                             f"(this tinyprep reads version {version})")
 
 
-def _read(url: str, what: str) -> bytes:
+def _read(url: str, hint: str) -> bytes:
     try:
         return storage.read_bytes(url)
     except FileNotFoundError:
-        raise ManifestError(f"{url}: missing ({what})") from None
+        raise ManifestError(f"{url}: missing; {hint}") from None
 
 
 def _parse_json(raw: bytes, url: str) -> Any:
@@ -260,14 +260,16 @@ def parse_manifest(data: Any, name: str = MANIFEST_NAME) -> Manifest:
                     source_totals(shards))
 
 
+def read_manifest(run: RunDir | str) -> tuple[Manifest, bytes]:
+    """RUN/manifest.json validated, and its bytes (what a mixture's manifest_sha256 is taken of)."""
+    url = as_run(run).manifest
+    raw = _read(url, "run the tokenize stage first")
+    return parse_manifest(_parse_json(raw, url), url), raw
+
+
 def load_manifest(run: RunDir | str) -> Manifest:
     """Read and validate RUN/manifest.json."""
-    url = as_run(run).manifest
-    return parse_manifest(_parse_json(_read(url, "run the tokenize stage first"), url), url)
-
-
-def manifest_sha256(run: RunDir | str) -> str:
-    return hashlib.sha256(_read(as_run(run).manifest, "run the tokenize stage first")).hexdigest()
+    return read_manifest(run)[0]
 
 
 def shard_prefix(run: RunDir | str, shard: ShardEntry | str) -> str:
@@ -415,13 +417,25 @@ def check_mixture_against_manifest(mixture: Mixture, manifest: Manifest, manifes
         raise ManifestError(f"{name}: fingerprint: does not match the shards, weights, seq_len and seed")
 
 
+def _read_mixture(run: RunDir | str) -> Mixture:
+    url = as_run(run).mixture
+    return parse_mixture(_parse_json(_read(url, "run the mix stage first"), url), url)
+
+
 def load_mixture(run: RunDir | str, check_manifest: bool = True) -> Mixture:
     """Read and validate RUN/mixture.json; with check_manifest, also against RUN/manifest.json."""
-    url = as_run(run).mixture
-    mixture = parse_mixture(_parse_json(_read(url, "run the mix stage first"), url), url)
+    mixture = _read_mixture(run)
     if check_manifest:
-        murl = as_run(run).manifest
-        raw = _read(murl, "the mixture's manifest")
-        manifest = parse_manifest(_parse_json(raw, murl), murl)
-        check_mixture_against_manifest(mixture, manifest, raw, url)
+        manifest, raw = read_manifest(run)
+        check_mixture_against_manifest(mixture, manifest, raw, as_run(run).mixture)
     return mixture
+
+
+def load_plan(run: RunDir | str) -> tuple[Manifest, Mixture]:
+    """manifest.json and mixture.json of a run, each validated, and the mixture checked against the
+    manifest (its hash, the shard lists and the fingerprint over the train shards' checksums):
+    ManifestError (a FormatError) names the file and what disagrees."""
+    manifest, raw = read_manifest(run)
+    mixture = _read_mixture(run)
+    check_mixture_against_manifest(mixture, manifest, raw, as_run(run).mixture)
+    return manifest, mixture

@@ -206,6 +206,50 @@ def _load(url: str, dtype, offset: int = 0, count: int = -1) -> np.ndarray:
     return np.frombuffer(data, dtype=dt)
 
 
+def _read_header(fh, size: int, url: str) -> tuple[np.dtype, int, int]:
+    """(token dtype, sequence_count, document_count) of an open `.idx` of `size` bytes.
+
+    FormatError for a short header, a bad magic, version or dtype code, a file size that
+    disagrees with the counts, or no document_indices entry.
+    """
+    head = fh.read(HEADER.size)
+    if len(head) < HEADER.size:
+        raise FormatError(f"{url}: truncated header ({len(head)} of {HEADER.size} bytes)")
+    magic, version, code, n, m = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise FormatError(f"{url}: bad magic {magic!r} (expected {MAGIC!r}): not a Megatron index")
+    if version != VERSION:
+        raise FormatError(f"{url}: unsupported index version {version} (expected {VERSION})")
+    if code not in DTYPE_CODES:
+        raise FormatError(f"{url}: unknown dtype code {code} (known: {sorted(DTYPE_CODES)})")
+    expect = HEADER.size + 4 * n + 8 * n + 8 * m
+    if size != expect:
+        raise FormatError(f"{url}: {size} bytes, but {n} sequences and {m} document entries need {expect}")
+    if m < 1:
+        raise FormatError(f"{url}: no document_indices entry")
+    return DTYPE_CODES[code], int(n), int(m)
+
+
+def read_index(prefix_url: str, pointers: bool = True) -> tuple[np.dtype, np.ndarray, np.ndarray | None]:
+    """(token dtype, document lengths, byte offsets or None) from a Megatron `.idx`, reading only the index.
+
+    Validates the header and the file size (FormatError names the file). Unlike MegatronReader it
+    never loads the `.bin`, and without `pointers` it reads only the lengths: cheap on remote run
+    directories too.
+    """
+    url = prefix_url + ".idx"
+    fs, path = storage.url_to_fs(url)
+    try:
+        size = fs.size(path)
+        with fs.open(path, "rb") as fh:
+            dtype, n, _ = _read_header(fh, size, url)
+            body = fh.read((12 if pointers else 4) * n)
+    except FileNotFoundError:
+        raise FormatError(f"{url}: missing") from None
+    lengths = np.frombuffer(body, "<i4", n).astype(np.int64)
+    return dtype, lengths, np.frombuffer(body, "<i8", n, 4 * n) if pointers else None
+
+
 class MegatronReader:
     """Read a `.bin`/`.idx` pair (memory-mapped for local files) after validating it.
 
@@ -226,23 +270,7 @@ class MegatronReader:
             raise FormatError(f"{self.bin_url}: missing")
         fs, path = storage.url_to_fs(self.idx_url)
         with fs.open(path, "rb") as fh:
-            head = fh.read(HEADER.size)
-        if len(head) < HEADER.size:
-            raise FormatError(f"{self.idx_url}: truncated header ({len(head)} of {HEADER.size} bytes)")
-        magic, version, code, n, m = HEADER.unpack(head)
-        if magic != MAGIC:
-            raise FormatError(f"{self.idx_url}: bad magic {magic!r} (expected {MAGIC!r}): not a Megatron index")
-        if version != VERSION:
-            raise FormatError(f"{self.idx_url}: unsupported index version {version} (expected {VERSION})")
-        if code not in DTYPE_CODES:
-            raise FormatError(f"{self.idx_url}: unknown dtype code {code} (known: {sorted(DTYPE_CODES)})")
-        self.dtype = DTYPE_CODES[code]
-        expect = HEADER.size + 4 * n + 8 * n + 8 * m
-        if idx_size != expect:
-            raise FormatError(f"{self.idx_url}: {idx_size} bytes, but {n} sequences and {m} document "
-                              f"entries need {expect}")
-        if m < 1:
-            raise FormatError(f"{self.idx_url}: no document_indices entry")
+            self.dtype, n, m = _read_header(fh, idx_size, self.idx_url)
         self.num_sequences = int(n)
         self.doc_lengths = _load(self.idx_url, "<i4", HEADER.size, n)
         self.doc_pointers = _load(self.idx_url, "<i8", HEADER.size + 4 * n, n)

@@ -37,10 +37,3 @@ def merge_all(parts: Iterable[dict]) -> dict:
 def _copy(v: Any) -> Any:
     return merge_counts(v, {}) if isinstance(v, dict) else v
 
-
-def add(counts: dict, path: tuple[str, ...], n: int = 1) -> None:
-    """counts[path[0]][path[1]]... += n, creating levels as needed."""
-    node = counts
-    for key in path[:-1]:
-        node = node.setdefault(key, {})
-    node[path[-1]] = node.get(path[-1], 0) + n

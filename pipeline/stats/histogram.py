@@ -114,7 +114,3 @@ class LengthStats:
                           for q in QUANTILES},
             "histogram": dict(sorted(self.bins.items())),
         }
-
-    @classmethod
-    def from_json(cls, d: dict) -> "LengthStats":
-        return cls(d["count"], d["sum"], d["min"], d["max"], dict(d["histogram"]))

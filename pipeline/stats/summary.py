@@ -62,14 +62,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import orjson
 import yaml
 
 from .. import storage
 from ..formats import FormatError
 from ..formats.manifest import load_manifest, load_mixture, shard_prefix
-from ..formats.megatron import DTYPE_CODES, HEADER, MAGIC
+from ..formats.megatron import read_index
 from ..layout import MANIFEST_NAME, MIXTURE_NAME, RunDir, as_run
 from ..stage import STAGES
 from .histogram import BINS_PER_DOUBLING, EXACT_BELOW, LengthStats
@@ -217,34 +216,6 @@ def _timeline(run: RunDir, problems: list[str]) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Shards
-
-
-def read_index(prefix_url: str, pointers: bool = True) -> tuple[np.dtype, np.ndarray, np.ndarray | None]:
-    """(token dtype, document lengths, byte offsets or None) from a Megatron `.idx`, reading only the index.
-
-    Validates the header and the file size (FormatError names the file). Unlike MegatronReader it
-    never loads the `.bin`, and without `pointers` it reads only the lengths: cheap on remote run
-    directories too.
-    """
-    url = prefix_url + ".idx"
-    fs, path = storage.url_to_fs(url)
-    try:
-        size = fs.size(path)
-        with fs.open(path, "rb") as fh:
-            head = fh.read(HEADER.size)
-            if len(head) < HEADER.size:
-                raise FormatError(f"{url}: truncated header ({len(head)} of {HEADER.size} bytes)")
-            magic, version, code, n, m = HEADER.unpack(head)
-            if magic != MAGIC or version != 1 or code not in DTYPE_CODES:
-                raise FormatError(f"{url}: not a Megatron MMIDIDX v1 index")
-            if size != HEADER.size + 12 * n + 8 * m:
-                raise FormatError(f"{url}: {size} bytes, but {n} sequences and {m} document entries need "
-                                  f"{HEADER.size + 12 * n + 8 * m}")
-            body = fh.read((12 if pointers else 4) * n)
-    except FileNotFoundError:
-        raise FormatError(f"{url}: missing") from None
-    lengths = np.frombuffer(body, "<i4", n).astype(np.int64)
-    return DTYPE_CODES[code], lengths, np.frombuffer(body, "<i8", n, 4 * n) if pointers else None
 
 
 def _shard_lengths(run: RunDir, shard) -> tuple[LengthStats | None, str | None]:
@@ -457,6 +428,54 @@ def _clusters(dedup_stats: dict | None) -> dict:
 # The document
 
 
+def _plan_files(run: RunDir, stages: dict, missing: list[str], problems: list[str]):
+    """(manifest, mixture) of the run, each None when missing (listed if the recipe has its stage)
+    or unusable (listed under problems, as is a mixture that disagrees with the manifest)."""
+    manifest = mixture = None
+    if storage.exists(run.manifest):
+        try:
+            manifest = load_manifest(run)
+        except FormatError as e:
+            problems.append(str(e))
+    elif stages["tokenize"]["status"] != "not_in_recipe":
+        missing.append(f"{MANIFEST_NAME}: the shards' manifest (written when tokenize finishes)")
+    if storage.exists(run.mixture):
+        try:
+            mixture = load_mixture(run, check_manifest=False)
+        except FormatError as e:
+            problems.append(str(e))
+        if mixture is not None and manifest is not None:
+            try:
+                load_mixture(run, check_manifest=True)
+            except FormatError as e:
+                problems.append(str(e))
+    elif stages["mix"]["status"] != "not_in_recipe":
+        missing.append(f"{MIXTURE_NAME}: the mixture plan (written by the mix stage)")
+    return manifest, mixture
+
+
+def _source_names(recipe: dict | None, stats: dict, manifest, mix_sources: dict) -> list[str]:
+    """The recipe's sources in order, then any other source a stage, the manifest or the mixture names."""
+    names: list[str] = list(recipe["sources"]) if recipe else []
+    for stage in ("download", "ingest", "dedup", "tokenize"):
+        names += sorted(set(stats.get(stage, {}).get("sources", {})) - set(names))
+    if manifest is not None:
+        names += sorted(set(manifest.sources) - set(names))
+    names += [n for n in mix_sources if n not in names]
+    return names
+
+
+def _source_problems(sources: dict, problems: list[str]) -> None:
+    """A failed check of a source is a problem; so is an accounting that does not hold without one."""
+    for n, node in sources.items():
+        for c in node["checks"]:
+            if not c["ok"]:
+                problems.append(f"source {n}: {c['check']}: {c['values'][0]} != {c['values'][1]}")
+        if node["docs"]["read"] is not None and not node["accounting"]["holds"] and not any(
+                not c["ok"] for c in node["checks"]):
+            problems.append(f"source {n}: read {node['docs']['read']} != accounted {node['accounting']['accounted']}")
+
+
 def collect(run: RunDir | str, lengths: bool = True, threads: int = 16) -> dict:
     """The stats document of a run directory (see the module docstring); reads, never writes.
 
@@ -478,50 +497,19 @@ def collect(run: RunDir | str, lengths: bool = True, threads: int = 16) -> dict:
     if recipe is None and not stats:
         raise SummaryError(f"{run}: not a run directory (no recipe.yaml and no stats/)")
 
-    manifest = mixture = None
-    if storage.exists(run.manifest):
-        try:
-            manifest = load_manifest(run)
-        except FormatError as e:
-            problems.append(str(e))
-    elif stages["tokenize"]["status"] != "not_in_recipe":
-        missing.append(f"{MANIFEST_NAME}: the shards' manifest (written when tokenize finishes)")
-    if storage.exists(run.mixture):
-        try:
-            mixture = load_mixture(run, check_manifest=False)
-        except FormatError as e:
-            problems.append(str(e))
-        if mixture is not None and manifest is not None:
-            try:
-                load_mixture(run, check_manifest=True)
-            except FormatError as e:
-                problems.append(str(e))
-    elif stages["mix"]["status"] != "not_in_recipe":
-        missing.append(f"{MIXTURE_NAME}: the mixture plan (written by the mix stage)")
-
+    manifest, mixture = _plan_files(run, stages, missing, problems)
     shard_lengths = _lengths(run, manifest, problems, threads) if (lengths and manifest is not None) else None
     shard_counts: dict[str, dict[str, int]] = {}
     if manifest is not None:
         for name, per in manifest.sources.items():
             shard_counts[name] = {sp: per[sp]["shards"] for sp in SPLITS}
 
-    names: list[str] = list(recipe["sources"]) if recipe else []
-    for stage in ("download", "ingest", "dedup", "tokenize"):
-        names += sorted(set(stats.get(stage, {}).get("sources", {})) - set(names))
-    if manifest is not None:
-        names += sorted(set(manifest.sources) - set(names))
     mix_sources = {s.name: s for s in mixture.sources} if mixture is not None else {}
-    names += [n for n in mix_sources if n not in names]
     available_total = sum(s.available_tokens for s in mix_sources.values()) if mix_sources else None
     sources = {n: _source(n, stats, manifest, mix_sources.get(n), mixture.total_samples if mixture else None,
-                          available_total, shard_lengths, shard_counts) for n in names}
-    for n, node in sources.items():
-        for c in node["checks"]:
-            if not c["ok"]:
-                problems.append(f"source {n}: {c['check']}: {c['values'][0]} != {c['values'][1]}")
-        if node["docs"]["read"] is not None and not node["accounting"]["holds"] and not any(
-                not c["ok"] for c in node["checks"]):
-            problems.append(f"source {n}: read {node['docs']['read']} != accounted {node['accounting']['accounted']}")
+                          available_total, shard_lengths, shard_counts)
+               for n in _source_names(recipe, stats, manifest, mix_sources)}
+    _source_problems(sources, problems)
 
     return {
         "format": FORMAT, "version": VERSION, "run": run.url, "recipe": recipe,
@@ -555,5 +543,5 @@ def deterministic_part(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in ("run", "timeline")}
 
 
-__all__ = ["collect", "dumps", "deterministic_part", "read_index", "slimpajama_dedup_rate", "SummaryError",
+__all__ = ["collect", "dumps", "deterministic_part", "slimpajama_dedup_rate", "SummaryError",
            "FORMAT", "VERSION", "SLIMPAJAMA_DEDUP_BYTES_RATE"]

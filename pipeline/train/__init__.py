@@ -13,5 +13,6 @@ One job per module (torchtitan's layout):
     metrics.py      metrics.jsonl and console lines, MFU
     distributed.py  process groups and launching ranks (or joining torchrun's)
     trainer.py      prepare, launch, the training loop, validation
-    synthetic.py    runs of synthetic tokens for tests and benchmarks
+
+Runs of synthetic tokens for its tests and the loader benchmark are built by tests/synthetic.py.
 """

@@ -23,20 +23,10 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import orjson
 import torch
 
-from .. import storage
 from ..formats import FormatError
-from ..formats.manifest import (
-    Manifest,
-    ManifestError,
-    Mixture,
-    check_mixture_against_manifest,
-    parse_manifest,
-    parse_mixture,
-)
-from ..layout import as_run
+from ..formats.manifest import Manifest, Mixture
 from .mixing import MixtureSchedule
 from .permutation import FeistelPermutation, derive_keys
 from .shards import ShardSet, SourceStream
@@ -106,28 +96,6 @@ class MixtureIndex:
         counts = self.schedule.counts_before(samples)
         return {name: {"samples": int(c), "tokens": int(c) * self.seq_len, "epochs": float(c) / float(n)}
                 for name, c, n in zip(self.names, counts, self.per_epoch)}
-
-
-def load_plan(run_url: str) -> tuple[Manifest, Mixture]:
-    """manifest.json and mixture.json of a run, each validated, and the mixture checked against the
-    manifest (its hash, the shard lists and the fingerprint over the train shards' checksums):
-    ManifestError (a FormatError) names the file and what disagrees."""
-    def read(url: str, stage: str) -> tuple[bytes, object]:
-        try:
-            raw = storage.read_bytes(url)
-        except FileNotFoundError:
-            raise ManifestError(f"{url}: missing (run the {stage} stage first)") from None
-        try:
-            return raw, orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise ManifestError(f"{url}: not valid JSON: {e}") from None
-
-    murl, xurl = as_run(run_url).manifest, as_run(run_url).mixture
-    raw, data = read(murl, "tokenize")
-    manifest = parse_manifest(data, murl)
-    mixture = parse_mixture(read(xurl, "mix")[1], xurl)
-    check_mixture_against_manifest(mixture, manifest, raw, xurl)
-    return manifest, mixture
 
 
 def check_world(global_batch: int, world: int, micro_batch: int) -> int:

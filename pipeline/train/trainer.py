@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .. import storage
 from ..formats import FormatError
-from ..formats.manifest import Manifest, Mixture
+from ..formats.manifest import Manifest, Mixture, load_plan
 from ..layout import as_run
 from ..recipe import Recipe, TrainConfig
 from . import checkpoint
@@ -37,7 +37,7 @@ from .distributed import (
     pick_device,
     under_launcher,
 )
-from .loader import HoldoutSet, MixtureLoader, check_world, load_plan
+from .loader import HoldoutSet, MixtureLoader, check_world
 from .metrics import MetricsLog, peak_flops
 from .model import LlamaConfig, model_config
 from .parallelize import build_model

@@ -44,6 +44,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # synthetic.py, the tests' run builder
 
 WEIGHTS = {"slimpajama": 0.693584, "starcoderdata": 0.306416}
 SEQ_LEN, BATCH = 2048, 8
@@ -53,10 +54,11 @@ SEQ_LEN, BATCH = 2048, 8
 
 def build_run(run_dir: str, mtokens: float, seed: int = 0) -> dict:
     """Shards of random tokens (documents of ~1,000 tokens) for two sources, manifest, mixture."""
+    import synthetic
+
     from pipeline import storage
     from pipeline.formats.manifest import ShardEntry, TokenizerInfo, make_manifest
     from pipeline.formats.megatron import MegatronWriter
-    from pipeline.train import synthetic
 
     rng = np.random.default_rng(seed)
     entries = []
@@ -217,7 +219,8 @@ def memmap_batches(run_dir: str):
 
 
 def mixture_batches(run_dir: str):
-    from pipeline.train.loader import MixtureLoader, load_plan
+    from pipeline.formats.manifest import load_plan
+    from pipeline.train.loader import MixtureLoader
 
     manifest, mixture = load_plan(run_dir)
     for batch in MixtureLoader(run_dir, manifest, mixture, global_batch=BATCH):
@@ -228,7 +231,8 @@ STARTUP = r"""
 import json, sys, time
 import numpy, orjson, torch  # imports apart
 sys.path.insert(0, sys.argv[2])
-from pipeline.train.loader import MixtureLoader, load_plan
+from pipeline.formats.manifest import load_plan
+from pipeline.train.loader import MixtureLoader
 
 def rss_mb():
     with open("/proc/self/statm") as fh:
@@ -257,7 +261,7 @@ print(json.dumps(out))
 
 def startup_3t(tmp: str) -> dict:
     """Best of 3 fresh processes for the time; a 4th under tracemalloc for Python's peak memory."""
-    from pipeline.train import synthetic
+    import synthetic
 
     run = os.path.join(tmp, "plan3t")
     synthetic.write_described_run(run, {"slimpajama": 2_100_000_000_000, "starcoderdata": 930_000_000_000},

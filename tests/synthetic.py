@@ -1,4 +1,4 @@
-"""Runs made of synthetic tokens, for the trainer's tests and the loader benchmark.
+"""Runs made of synthetic tokens, for the trainer's and loader's tests and the loader benchmark.
 
 `write_run` writes real shards (MegatronWriter), manifest.json and a mixture planned by the mix
 stage's own `plan_mixture`, from token arrays; `write_described_run` writes only a manifest and a
@@ -13,8 +13,8 @@ import hashlib
 import numpy as np
 import orjson
 
-from .. import storage
-from ..formats.manifest import (
+from pipeline import storage
+from pipeline.formats.manifest import (
     Manifest,
     ShardEntry,
     TokenizerInfo,
@@ -22,14 +22,14 @@ from ..formats.manifest import (
     write_manifest,
     write_mixture,
 )
-from ..formats.megatron import MegatronWriter
+from pipeline.formats.megatron import MegatronWriter
+from pipeline.mix import plan_mixture
+from pipeline.recipe import parse_recipe
 
 BOS, EOS = 1, 2
 
 
 def _recipe(run_url: str, weights: dict[str, float], seq_len: int, seed: int, token_budget: int | None):
-    from ..recipe import parse_recipe
-
     return parse_recipe({
         "name": "synthetic", "output": run_url,
         "sources": [{"name": n, "urls": [f"/nonexistent/{n}"], "weight": w} for n, w in weights.items()],
@@ -40,8 +40,6 @@ def _recipe(run_url: str, weights: dict[str, float], seq_len: int, seed: int, to
 def plan(run_url: str, manifest: Manifest, weights: dict[str, float], seq_len: int, seed: int = 42,
          token_budget: int | None = None) -> None:
     """Plan RUN/mixture.json with the mix stage's planner and write it."""
-    from ..mix import plan_mixture
-
     raw = write_manifest(run_url, manifest)
     write_mixture(run_url, plan_mixture(_recipe(run_url, weights, seq_len, seed, token_budget), manifest, raw))
 
