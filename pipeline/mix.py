@@ -24,7 +24,6 @@ import hashlib
 import logging
 import math
 
-from . import storage
 from .formats import FormatError
 from .formats.manifest import (
     Manifest,

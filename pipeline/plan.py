@@ -85,7 +85,7 @@ def _sample_ingest(recipe: Recipe, src: SourceConfig, files, limit_bytes: int, t
         payload = {"url": f.url, "rel_path": f.rel_path, "format": fmt, "split": None}
         nbytes = max(f.size, 0)
         if fmt == "parquet":
-            splits = ingest._parquet_splits(f.url, 1)
+            splits = ingest.parquet_splits(f.url, 1)
             if splits:
                 start, end, first_row, rows, nbytes = splits[0]
                 payload.update(split=[start, end], first_row=first_row, rows=rows)

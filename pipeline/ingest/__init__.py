@@ -23,10 +23,5 @@ from .readers import detect_format
 from .stage import STAGE, output_url, parquet_splits, stage
 from .writer import SCHEMA
 
-# Former names still used by modules this change does not touch (pipeline/plan.py,
-# tests/benchmarks/bench_tokenize.py); to go once they use the names above.
-_document_ids = document_ids
-_parquet_splits = parquet_splits
-
 __all__ = ["stage", "STAGE", "SCHEMA", "document_id", "document_ids", "detect_format", "output_url",
            "parquet_splits"]

@@ -54,7 +54,7 @@ def build_docs(run: Path, mb: float, files: int = 4, seed: int = 0) -> int:
     import zstandard
     from bench_ingest import stdlib_docstrings
 
-    from pipeline.ingest import SCHEMA, _document_ids
+    from pipeline.ingest import SCHEMA, document_ids
 
     rng = random.Random(seed)
     pool = stdlib_docstrings()
@@ -69,7 +69,7 @@ def build_docs(run: Path, mb: float, files: int = 4, seed: int = 0) -> int:
             size += len(text.encode("utf-8"))
         rel = f"chunk1/example_train_{f}.jsonl.zst.parquet"
         rows = np.arange(len(texts))
-        table = pa.table({"id": _document_ids("slimpajama", rel, rows), "source": ["slimpajama"] * len(texts),
+        table = pa.table({"id": document_ids("slimpajama", rel, rows), "source": ["slimpajama"] * len(texts),
                           "subset": ["RedPajamaCommonCrawl"] * len(texts), "file": [rel] * len(texts),
                           "row": rows, "text": texts, "meta": ["{}"] * len(texts)}, schema=SCHEMA)
         out = run / "docs" / "slimpajama" / rel
