@@ -165,7 +165,7 @@ def export(run_dir: str, fmt: str, out: str, chunk_size: int, split: str, prefix
 
     The last partial chunk of each source is dropped, never padded (TinyLlama issue #83).
     """
-    from .export import ExportError, export_litgpt, parse_prefixes
+    from .tools.export import ExportError, export_litgpt, parse_prefixes
 
     try:
         summary = export_litgpt(run_dir, out, chunk_size, split, parse_prefixes(list(prefixes)), force)
@@ -182,7 +182,7 @@ def export(run_dir: str, fmt: str, out: str, chunk_size: int, split: str, prefix
 @click.option("--no-checksums", is_flag=True, help="Skip the sha256 of every shard (sizes and headers only).")
 def verify(run_dir: str, tokenizer: str | None, no_checksums: bool) -> None:
     """Check a run's shards against manifest.json: files, sizes, headers, counts, checksums, tokenizer."""
-    from .export import VerifyError, verify_run
+    from .tools.verify import VerifyError, verify_run
 
     try:
         r = verify_run(run_dir, tokenizer, checksums=not no_checksums)
@@ -285,7 +285,7 @@ def inspect_cmd(target: str, source: str | None, split: str, count: int, seed: i
     with token counts and boundaries."""
     import orjson
 
-    from .inspect import InspectError, inspect_file, inspect_run, render
+    from .tools.inspect import InspectError, inspect_file, inspect_run, render
 
     try:
         if target.endswith((".bin", ".idx")):
@@ -312,7 +312,7 @@ def plan_cmd(recipe: str, nodes: int, cpus: int | None, sample_mb: float, as_jso
     """Estimate sizes, tokens, CPU and wall time and disk per stage, from a sample of the inputs."""
     import orjson
 
-    from .plan import PlanError, make_plan, render
+    from .tools.plan import PlanError, make_plan, render
 
     try:
         r = load_recipe(recipe)

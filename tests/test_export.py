@@ -1,4 +1,4 @@
-"""pipeline/export.py: the litgpt (LITPKDS) export and `verify_run`, on the session's reference run."""
+"""pipeline/tools/export.py and verify.py: the litgpt (LITPKDS) export and `verify_run`, on the session's reference run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from conftest import tinyprep
 from test_formats import spec_read_litpkds, spec_read_megatron
 
-from pipeline.export import ExportError, VerifyError, export_litgpt, verify_run
+from pipeline.tools.export import ExportError, export_litgpt
+from pipeline.tools.verify import VerifyError, verify_run
 
 BLOCK = 2049
 

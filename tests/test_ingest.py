@@ -495,7 +495,7 @@ class _FlakyFile:
 @pytest.mark.parametrize("times, kept, files_unreadable", [(2, 40, 0), (100, None, 1)])
 def test_io_error_mid_file(tmp_path, monkeypatch, times, kept, files_unreadable):
     raw = jsonl([slim_record(f"{i} {LONG}") for i in range(40)])
-    path = write(tmp_path / "in" / "a.jsonl", raw)
+    write(tmp_path / "in" / "a.jsonl", raw)
     _FlakyFile.state = {"failures": 0}
     monkeypatch.setattr(readers, "RETRY_BACKOFF_S", 0.0)
     monkeypatch.setattr(readers, "RAW_READ", 4096)

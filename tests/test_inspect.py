@@ -1,4 +1,4 @@
-"""pipeline/inspect.py: `tinyprep inspect` on the reference run, one of its shards and a LITPKDS chunk."""
+"""pipeline/tools/inspect.py: `tinyprep inspect` on the reference run, one of its shards and a LITPKDS chunk."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from conftest import tinyprep
 from test_formats import spec_read_megatron
 
-from pipeline.export import export_litgpt
-from pipeline.inspect import InspectError, inspect_file, inspect_run
+from pipeline.tools.export import export_litgpt
+from pipeline.tools.inspect import InspectError, inspect_file, inspect_run
 
 
 def ingested_texts(run: Path, source: str) -> set[str]:

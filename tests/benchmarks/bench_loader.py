@@ -287,7 +287,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from pipeline.export import export_litgpt
+    from pipeline.tools.export import export_litgpt
 
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         run = os.path.join(tmp, "run")

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import storage
-from .formats import FormatError, litpkds
-from .formats.manifest import Manifest, load_manifest, shard_prefix
-from .formats.megatron import read_index
-from .layout import as_run
+from .. import storage
+from ..formats import FormatError, litpkds
+from ..formats.manifest import Manifest, load_manifest, shard_prefix
+from ..formats.megatron import read_index
+from ..layout import as_run
 
 SPLITS = ("train", "validation")
 EXPORT_INFO = "tinyprep-export.json"  # written next to LITPKDS chunks by `tinyprep export`
@@ -68,7 +68,7 @@ class Sample:
 
 class _Decoder:
     def __init__(self, model: bytes, pieces: int):
-        from .tokenize.tokenizer import load_processor
+        from ..tokenize.tokenizer import load_processor
 
         self.sp = load_processor(model)
         self.bos, self.eos = int(self.sp.bos_id()), int(self.sp.eos_id())
@@ -86,7 +86,7 @@ class _Decoder:
 
 
 def _run_decoder(run_url: str, manifest: Manifest, tokenizer: str | None, pieces: int) -> _Decoder:
-    from .tokenize.tokenizer import (
+    from ..tokenize.tokenizer import (
         TokenizerMismatch,
         check_manifest_tokenizer,
         manifest_tokenizer_url,

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from . import ingest, storage
-from .inputs import expand_source
-from .layout import RunDir
-from .recipe import Recipe, SourceConfig
-from .stage import Task
+from .. import ingest, storage
+from ..inputs import expand_source
+from ..layout import RunDir
+from ..recipe import Recipe, SourceConfig
+from ..stage import Task
 
 PARALLEL_EFFICIENCY = 0.96  # measured, 1 vs 2 workers (tests/benchmarks/README.md)
 DEFAULT_TOKENS_PER_S = 1.43e6  # tinyprep encoder, cold cache, per core (tests/benchmarks/README.md)
@@ -117,7 +117,7 @@ def _sample_ingest(recipe: Recipe, src: SourceConfig, files, limit_bytes: int, t
 
 def _bundled_files(src: SourceConfig, tmp: str):
     """The bundled sample's files of the same format as the source (generated into tmp)."""
-    from .sample import generate_sample
+    from ..sample import generate_sample
 
     root = Path(tmp) / "bundled"
     if not root.exists():
@@ -147,7 +147,7 @@ def _sample_recipe(recipe: Recipe, src: SourceConfig, bundled: bool) -> Recipe:
 
 def _dedup_measure(recipe: Recipe, texts: list[str]) -> tuple[float, float, float]:
     """(signature CPU s, within-sample duplicate fraction of documents, of bytes)."""
-    from .dedup.minhash import MinHashParams, Shingler, Signer
+    from ..dedup.minhash import MinHashParams, Shingler, Signer
 
     params = MinHashParams.from_config(recipe.dedup)
     shingler, signer = Shingler(params), Signer(params)
@@ -187,7 +187,7 @@ def _tokenizer_measure(recipe: Recipe, texts: list[str]) -> tuple[float, float] 
     model = recipe.tokenizer.model if recipe.tokenizer else None
     if not model or not storage.exists(model):
         return None
-    from .tokenize.encoder import Encoder
+    from ..tokenize.encoder import Encoder
 
     enc = Encoder(storage.read_bytes(model), cache_entries=recipe.tokenize.cache_entries)
     t0 = time.process_time()

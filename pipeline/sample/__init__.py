@@ -21,8 +21,8 @@ comes from the source files themselves. There are no timestamps and the only ran
 is ``random.Random`` with fixed seeds, so the same machine and the same code give
 byte-identical files (zstd level and parquet settings are fixed too). Another Python
 version or build gives a different, equally valid, sample.
-This module plants the documents; pipeline/sample_stdlib.py reads the standard library and
-pipeline/sample_files.py places the records into files and writes them.
+This module plants the documents; `stdlib.py` reads the standard library and `files.py`
+places the records into files and writes them.
 
 Layout under ``out_dir``::
 
@@ -67,10 +67,10 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import storage
-from .sample_files import starcoder_schema, write_slimpajama, write_starcoderdata
-from .sample_stdlib import code_files, collect_docstrings, stdlib_files, stdlib_root
-from .text import slimpajama_normalize
+from .. import storage
+from ..text import slimpajama_normalize
+from .files import starcoder_schema, write_slimpajama, write_starcoderdata
+from .stdlib import code_files, collect_docstrings, stdlib_files, stdlib_root
 
 __all__ = [
     "SAMPLE_VERSION",

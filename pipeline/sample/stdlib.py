@@ -16,7 +16,7 @@ import sysconfig
 import unicodedata
 from pathlib import Path
 
-from .text import slimpajama_normalize
+from ..text import slimpajama_normalize
 
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
