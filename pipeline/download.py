@@ -68,12 +68,6 @@ class ChecksumMismatch(DownloadError):
 # Plan
 
 
-def _check_rel_path(source: str, rel_path: str) -> None:
-    parts = rel_path.split("/")
-    if rel_path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"source {source}: input path {rel_path!r} would land outside RUN/raw/{source}/")
-
-
 # ---------------------------------------------------------------------------------------------
 # Run one task
 
@@ -403,7 +397,6 @@ class DownloadStage(Stage):
             if not src.download:
                 continue
             for f in list_inputs(src, run):
-                _check_rel_path(src.name, f.rel_path)
                 out.append(
                     Task(
                         stage=STAGE,

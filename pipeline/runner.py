@@ -33,6 +33,7 @@ from .faults import inject, parse_faults
 from .layout import RunDir
 from .progress import StageProgress, fmt_duration
 from .recipe import Recipe
+from .retry import backoff_delay
 from .stage import STAGES, Stage, StageFailed, Task, TaskResult, get_stage
 from .stats import merge_all
 
@@ -197,7 +198,7 @@ def _run_tasks(executor, stage: Stage, label: str, todo: list[Task], recipe: Rec
             if isinstance(outcome, BaseException):  # the task raised, or its worker died
                 why = _cause(outcome)
                 if attempt < recipe.ray.task_retries:
-                    delay = min(recipe.ray.retry_backoff_s * 2**attempt, recipe.ray.retry_backoff_max_s)
+                    delay = backoff_delay(attempt, recipe.ray.retry_backoff_s, recipe.ray.retry_backoff_max_s)
                     log.warning("%s task %s failed (attempt %d): %s; retrying in %.1fs",
                                 label, task.id, attempt + 1, why, delay)
                     queue.append((time.monotonic() + delay, attempt + 1, task))

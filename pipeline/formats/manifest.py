@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import posixpath
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -42,7 +41,7 @@ import numpy as np
 import orjson
 
 from .. import storage
-from ..layout import MANIFEST_NAME, MIXTURE_NAME, RunDir, as_run
+from ..layout import MANIFEST_NAME, MIXTURE_NAME, RunDir, RunDirError, as_run, contained
 from . import FormatError
 
 MANIFEST_FORMAT = "tinyprep-manifest"
@@ -142,17 +141,11 @@ def write_manifest(run: RunDir | str, manifest: Manifest) -> bytes:
 
 
 def safe_relative_path(path: Any, where: str) -> str:
-    """A path relative to the run directory that stays inside it, else ManifestError."""
-    if not isinstance(path, str) or not path:
-        raise ManifestError(f"{where}: must be a non-empty relative path, got {path!r}")
-    if "://" in path or path.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", path) or "\\" in path:
-        raise ManifestError(f"{where}: {path!r} is not a path relative to the run directory")
-    parts = path.split("/")
-    if ".." in parts or posixpath.normpath(path).startswith(".."):
-        raise ManifestError(f"{where}: {path!r} escapes the run directory")
-    if any(p in ("", ".") for p in parts):
-        raise ManifestError(f"{where}: {path!r} is not a normalized relative path")
-    return path
+    """A path relative to the run directory that stays inside it (layout.contained), else ManifestError."""
+    try:
+        return contained(path, where)
+    except RunDirError as e:
+        raise ManifestError(str(e)) from None
 
 
 def _get(obj: dict, key: str, typ, where: str):

@@ -25,7 +25,7 @@ from .. import storage
 from ..formats import FormatError
 from ..formats.litpkds import DEFAULT_CHUNK_SIZE, ChunkWriter
 from ..formats.manifest import (
-    load_manifest,
+    read_manifest,
     shard_prefix,
 )
 from ..formats.megatron import MegatronReader
@@ -63,7 +63,7 @@ def export_litgpt(run_url: str, out_url: str, chunk_size: int = DEFAULT_CHUNK_SI
     if chunk_size <= 0:
         raise ExportError(f"--chunk-size must be > 0, got {chunk_size}")
     try:
-        manifest = load_manifest(run_url)
+        manifest, manifest_bytes = read_manifest(run_url)
     except FormatError as e:
         raise ExportError(str(e)) from None
     prefixes = dict(prefixes or {})
@@ -78,7 +78,7 @@ def export_litgpt(run_url: str, out_url: str, chunk_size: int = DEFAULT_CHUNK_SI
     sep = manifest.tokenizer.bos_id if manifest.bos or not manifest.eos else manifest.tokenizer.eos_id
     summary: dict = {"format": "tinyprep-litgpt-export", "version": 1, "chunk_size": chunk_size,
                      "dtype": manifest.dtype, "split": split, "separator": sep,
-                     "manifest_sha256": hashlib.sha256(storage.read_bytes(as_run(run_url).manifest)).hexdigest(),
+                     "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
                      "last_chunk": "dropped", "sources": {}}
     for source in sorted(manifest.sources):
         writer = ChunkWriter(out_url, names[source], chunk_size, manifest.dtype, sep)
