@@ -1,4 +1,9 @@
-"""Shared fixtures: the sample corpus (generated once per session) and a CLI runner."""
+"""Shared fixtures: the sample corpus (generated once per session) and a CLI runner.
+
+Slow tests carry the `slow` marker: end to end runs (the session's `reference` run of the sample,
+Ray clusters, the S3 server), Chromium and training. `pytest -m "not slow"` is the fast set a
+developer runs while editing; `make test` and CI run everything.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# fixtures that start Ray, a cluster, a server or training: a test using one is slow
+SLOW_FIXTURES = frozenset({"reference", "sample_plan", "run_dir", "cluster", "s3"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

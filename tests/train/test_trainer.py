@@ -29,7 +29,7 @@ from pipeline.train.trainer import (
     train,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB, SEQ = 256, 32
 TRAIN = {"model": "tiny", "global_batch": 8, "micro_batch": 2, "max_steps": 8, "lr": 3e-3, "min_lr": 3e-4,
          "warmup_steps": 2, "log_every": 1, "eval_every": 4, "eval_samples": 6, "checkpoint_every": 3,
