@@ -20,6 +20,9 @@ Phases (each a set of Ray tasks; a phase reads only what the previous ones wrote
   removal      one task per group of docs files: RUN/dedup/removed/<source>/<rel> for every docs
                file (id, reason, survivor), and the stage's stats.
 
+The tasks live in signatures.py, candidates.py (buckets, gather, verify), rounds.py (components)
+and removal.py; every file of RUN/dedup/ and the layout in layout.py; this module plans the phases.
+
 Partition counts and the grouping of docs files are chosen once, from the docs' row counts and
 sizes (parquet footers) and `dedup.max_task_memory_mb` (M), and saved in RUN/dedup/layout.json;
 they never depend on the number of workers. The removal lists do not depend on them either.
