@@ -14,8 +14,8 @@ import pytest
 from conftest import ROOT, kill_run_when, tinyprep, tree_digest
 
 from pipeline import dedup, ingest
+from pipeline.dedup.layout import EDGE_SCHEMA, read_layout
 from pipeline.dedup.shuffle import read_partition
-from pipeline.dedup.stage import EDGE_SCHEMA, read_layout
 from pipeline.executors import LocalExecutor
 from pipeline.recipe import parse_recipe
 from pipeline.runner import run_stage
