@@ -1,4 +1,4 @@
-"""The shuffle: files partitioned by hash range, node keys, and the run's dedup layout.
+"""The shuffle: files partitioned by hash range, and the node keys of the dedup graph.
 
 A shuffle file is an Arrow IPC file holding one record batch per destination partition (empty
 batches included), written atomically by the producing task. A consumer task reads batch p of

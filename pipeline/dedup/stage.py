@@ -4,7 +4,7 @@ Phases (each a set of Ray tasks; a phase reads only what the previous ones wrote
 
   signatures   one task per group of docs files: the 128-bit text hash (exact) and the MinHash
                band keys (fuzzy) of every document, written partitioned by hash range
-               (sig/gNNNNN.{exact,bands}.arrow: one batch per bucket partition) plus a small
+               (sig/gNNNNNN.{exact,bands}.arrow: one batch per bucket partition) plus a small
                per-document index (id, subset, bytes) for the stats.
   buckets      one task per hash-range partition, all bands: sorts its records by (band, key,
                node); each bucket of n documents yields n-1 edges to its smallest node (exact
