@@ -1,4 +1,4 @@
-"""The dedup stage: phases, their tasks, and where every phase's files live.
+"""The dedup stage: its phases, how each is planned, and what one task of each holds.
 
 Phases (each a set of Ray tasks; a phase reads only what the previous ones wrote to RUN/dedup/):
 
