@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import ROOT
-from test_formats import spec_read_megatron
+from spec_readers import spec_read_megatron
 
 from pipeline.formats.manifest import (
     ShardEntry,

@@ -272,13 +272,26 @@ def _litpkds_samples(url: str, n: int, seed: int, decoder: _Decoder) -> list[Sam
 # Text
 
 
+# Characters a terminal acts on instead of showing: C0 controls but newline and tab (ESC starts
+# OSC / CSI sequences that set titles, move the cursor or write to the clipboard), DEL, C1 controls,
+# and the bidi overrides that reorder what is shown. Documents are untrusted input.
+_UNSAFE = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0))}
+_UNSAFE.update({c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: control and bidi characters shown as escapes."""
+    return text.translate(_UNSAFE)
+
+
 def render(samples: list[Sample], max_chars: int = 2000) -> str:
-    """The samples as text: a header line per document, its token boundaries, then its text."""
+    """The samples as text: a header line per document, its token boundaries, then its text.
+    Everything that comes from the data is passed through `printable`."""
     lines = []
     for s in samples:
         where = " · ".join(x for x in (s.source, s.split) if x)
         lines.append("━" * 100)
-        lines.append(f"{where + ' · ' if where else ''}{s.file} · document {s.index:,} of {s.docs_in_file:,} "
+        lines.append(f"{printable(where) + ' · ' if where else ''}{printable(s.file)} · document {s.index:,} of {s.docs_in_file:,} "
                      f"({s.format})")
         marks = ", ".join(["starts with BOS" if s.bos else "no BOS", "ends with EOS" if s.eos else "no EOS"]
                           + ([s.partial] if s.partial else []))
@@ -287,9 +300,9 @@ def render(samples: list[Sample], max_chars: int = 2000) -> str:
         if s.head:
             gap = " │ … │ " if s.tokens > len(s.head) + len(s.tail) else " │ "
             shown = " │ ".join(s.head) + (gap + " │ ".join(s.tail) if s.tail else "")
-            lines.append(f"tokens: │ {shown} │")
+            lines.append(f"tokens: │ {printable(shown)} │")
         lines.append("─" * 100)
         text = s.text if not max_chars or len(s.text) <= max_chars else (
             s.text[:max_chars] + f"\n… ({len(s.text) - max_chars:,} more characters; --max-chars 0 shows all)")
-        lines.append(text)
+        lines.append(printable(text))
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, tinyprep
-from test_formats import spec_read_megatron
+from spec_readers import spec_read_megatron
 
 from pipeline.dedup import cluster_bucket
 from pipeline.stats import merge_all, merge_counts

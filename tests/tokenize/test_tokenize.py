@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 from conftest import ROOT, tinyprep, tree_digest
-from test_formats import spec_read_megatron
+from spec_readers import spec_read_megatron
 
 from pipeline.layout import RunDir
 from pipeline.recipe import load_recipe

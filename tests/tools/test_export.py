@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tinyprep
-from test_formats import spec_read_litpkds, spec_read_megatron
+from spec_readers import spec_read_litpkds, spec_read_megatron
 
 from pipeline.tools.export import ExportError, export_litgpt
 from pipeline.tools.verify import VerifyError, verify_run

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import tinyprep
-from test_formats import spec_read_megatron
+from spec_readers import spec_read_megatron
 
 from pipeline.tools.export import export_litgpt
 from pipeline.tools.inspect import InspectError, inspect_file, inspect_run
@@ -98,3 +98,14 @@ def test_inspect_errors_name_what_to_change(reference, tmp_path):
         inspect_run(str(run), tokenizer=str(other))
     with pytest.raises(InspectError, match="no such file"):
         inspect_file(str(tmp_path / "missing.bin"))
+
+
+@pytest.mark.parametrize("evil", ["\x1b]0;pwned\x07", "\x1b[2J", "\x9b31m", "line\roverwritten", "\u202eevil"])
+def test_render_never_sends_terminal_controls_from_the_data(evil):
+    from pipeline.tools.inspect import Sample, render
+
+    s = Sample(file=f"shards/web/{evil}", format="megatron", index=0, docs_in_file=1, start=0, end=3, bos=True,
+               eos=False, text=f"before {evil} after\n\tindented", head=[evil, "x"], tail=[], source="web", split="train")
+    out = render([s])
+    assert not any(c in out for c in "\x1b\x9b\r\u202e"), repr(out)
+    assert "before " in out and " after\n\tindented" in out  # newlines and tabs are kept
