@@ -15,6 +15,7 @@ log = logging.getLogger("tinyprep")
 
 
 def _setup_logging(verbose: bool) -> None:
+    logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks
     logger = logging.getLogger("tinyprep")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not any(getattr(h, "_tinyprep_console", False) for h in logger.handlers):

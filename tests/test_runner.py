@@ -6,6 +6,7 @@ Each test starts `tinyprep run` in its own process (with its own embedded Ray), 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -157,3 +158,31 @@ def test_a_copied_run_directory_resumes_in_place(reference, workdir, tmp_path):
     redone = sorted(str(p.relative_to(copy / "tasks")) for p in (copy / "tasks").rglob("*.json")
                     if p.stat().st_mtime >= started)
     assert redone and all(p.startswith(("tokenize/train/", "tokenize/validation/", "mix/")) for p in redone), redone
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 9 MB tmpfs: the sample's run (about 19 MB) fills it in the middle of the flow."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_fails_with_one_line_and_the_run_resumes(reference, workdir, small_disk):
+    _, _, expected = reference
+    run = small_disk / "run"
+    r = tinyprep("run", RECIPE, "--output", str(run), "--workers", "2", "--set", "ray.task_retries=1",
+                 "--set", "ray.retry_backoff_s=0.1", cwd=workdir)
+    assert r.returncode == 1 and "No space left on device" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "Logging error" not in r.stderr, r.stderr
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")], r.stderr
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    r = tinyprep("run", RECIPE, "--output", str(run), "--workers", "2", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert outputs(run) == expected
