@@ -432,7 +432,8 @@ def _format_errors(path: str, err: ValidationError) -> str:
         make = _MESSAGES.get(e["type"])
         msg = make(e.get("ctx", {})) if make else e["msg"]
         if e["type"] == "literal_error":
-            msg = f"{msg} (got {e['input']!r})"
+            got = repr(e["input"])
+            msg = f"{msg} (got {got if len(got) <= 60 else got[:60] + '...'})"  # a hostile value stays short
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         parts.append(f"{fmt_loc(loc)}: {' '.join(msg.split())}")

@@ -78,6 +78,9 @@ BAD_RECIPES = {
     "a tab": ("name: t\n\toutput: x\n", "x.yaml:2:1: not valid YAML: found character '\\t' that cannot start any token"),
     "a NUL character": ("name: t\x00\n", "x.yaml:1:8: not valid YAML: unacceptable character #x0000"),
     "an escaped NUL in a string": (HEAD.replace("/tmp/out", '"/tmp/o\\0ut"'), "x.yaml:2:9: output: contains a NUL"),
+    "a huge wrong value is cut short": (HEAD.replace("urls: [/tmp/x.jsonl]", "urls: [/tmp/x.jsonl], format: " + "x" * 100000),
+                                        "sources[0].format: Input should be 'auto', 'jsonl', 'jsonl.zst', 'jsonl.gz' "
+                                        "or 'parquet' (got '" + "x" * 59 + "...)"),
     "a merge of a list": (HEAD + "ray: {<<: [[a]]}\n", "ray: '<<' must merge a mapping"),
     # paths that would leave the run, or be nowhere
     "train.dir ../../..": (HEAD + "train: {dir: ../../..}\n", "train.dir: '../../..' escapes the run directory"),
