@@ -23,7 +23,8 @@ HEAD = "name: t\noutput: /tmp/out\nsources: [{name: a, urls: [/tmp/x.jsonl]}]\n"
 
 
 def _filters(cls: str, args: str = "{}") -> str:
-    return f"name: t\noutput: /tmp/out\nsources: [{{name: a, urls: [/tmp/x.jsonl], filters: [{{class: {cls}, args: {args}}}]}}]\n"
+    return ("name: t\noutput: /tmp/out\n"
+            f"sources: [{{name: a, urls: [/tmp/x.jsonl], filters: [{{class: {cls}, args: {args}}}]}}]\n")
 
 
 def _laughs(levels: int) -> str:
@@ -39,11 +40,14 @@ BAD_RECIPES = {
     "!!omap": (HEAD + "ray: !!omap [{num_cpus: 1}]\n", "x.yaml:4:6: ray: the YAML tag '!!omap' is not allowed"),
     "!!binary": (HEAD + "ray: {address: !!binary aGVsbG8=}\n", "ray.address: the YAML tag '!!binary' is not allowed"),
     "!!python/object/apply": (HEAD + "ray: {address: !!python/object/apply:os.system [echo hi]}\n",
-                              "x.yaml:4:16: ray.address: the YAML tag '!!python/object/apply:os.system' is not allowed"),
-    "!!python/name": (HEAD + "ray: {address: !!python/name:os.system ''}\n", "'!!python/name:os.system' is not allowed"),
+                              "x.yaml:4:16: ray.address: the YAML tag '!!python/object/apply:os.system' "
+                              "is not allowed"),
+    "!!python/name": (HEAD + "ray: {address: !!python/name:os.system ''}\n",
+                      "'!!python/name:os.system' is not allowed"),
     "a local tag": (HEAD + "ray: !mine {num_cpus: 1}\n", "ray: the YAML tag '!mine' is not allowed"),
     # keys
-    "an integer key": (HEAD + "ray: {1: 2}\n", "x.yaml:4:7: ray: the key '1' reads as an integer, not a string; quote it"),
+    "an integer key": (HEAD + "ray: {1: 2}\n",
+                       "x.yaml:4:7: ray: the key '1' reads as an integer, not a string; quote it"),
     "a top-level integer key": (HEAD + "3: x\n", "x.yaml:4:1: the key '3' reads as an integer"),
     "a boolean key": (HEAD + "select_like: {yes: [a]}\n", "select_like: the key 'yes' reads as a boolean"),
     "a null key": (HEAD + "ray: {~: 1}\n", "ray: the key '~' reads as a null"),
@@ -51,18 +55,22 @@ BAD_RECIPES = {
     "a date key": (HEAD + "ray: {2020-01-01: 1}\n", "ray: the key '2020-01-01' reads as a date"),
     "a list key": (HEAD + "ray: {? [a, b] : 1}\n", "x.yaml:4:9: ray: a key must be a string, not a list or mapping"),
     "a duplicate key": (HEAD + "name: u\n", "x.yaml:4:1: name: duplicate key (first at line 1)"),
-    "a nested duplicate": (HEAD + "ray:\n  num_cpus: 1\n  num_cpus: 2\n", "x.yaml:6:3: ray.num_cpus: duplicate key (first at line 5)"),
+    "a nested duplicate": (HEAD + "ray:\n  num_cpus: 1\n  num_cpus: 2\n",
+                           "x.yaml:6:3: ray.num_cpus: duplicate key (first at line 5)"),
     "a key with a newline": (HEAD + '"x\\nerror: y": 1\n', "['x\\nerror: y']: is not a known key"),
     # numbers
     "an integer past 64 bits": (HEAD + "ray: {num_cpus: 123456789012345678901234567890}\n",
                                 "x.yaml:4:17: ray.num_cpus: is an integer past 64 bits"),
-    "an integer of 5000 digits": (HEAD + "dedup: {seed: " + "9" * 5000 + "}\n", "dedup.seed: is an integer past 64 bits"),
-    "a negative integer past 64 bits": (HEAD + "dedup: {seed: -9223372036854775809}\n", "dedup.seed: is an integer past 64 bits"),
+    "an integer of 5000 digits": (HEAD + "dedup: {seed: " + "9" * 5000 + "}\n",
+                                  "dedup.seed: is an integer past 64 bits"),
+    "a negative integer past 64 bits": (HEAD + "dedup: {seed: -9223372036854775809}\n",
+                                        "dedup.seed: is an integer past 64 bits"),
     ".nan": (HEAD + "ray: {log_every_s: .nan}\n", "x.yaml:4:20: ray.log_every_s: .nan is not a finite number"),
     ".inf": (HEAD + "ray: {log_every_s: .inf}\n", "ray.log_every_s: .inf is not a finite number"),
     "-.inf": (HEAD + "train: {lr: -.inf}\n", "x.yaml:4:13: train.lr: -.inf is not a finite number"),
     "an overflowing float": (HEAD + "train: {lr: 1.0e+999}\n", "train.lr: 1.0e+999 is not a finite number"),
-    ".nan in a free-form mapping": (HEAD + "train: {model_args: {dim: .NaN}}\n", "train.model_args.dim: .NaN is not a finite"),
+    ".nan in a free-form mapping": (HEAD + "train: {model_args: {dim: .NaN}}\n",
+                                    "train.model_args.dim: .NaN is not a finite"),
     ".nan in filter args": (_filters("datatrove.pipeline.filters.RegexFilter", "{regex_exp: x, n: .nan}"),
                             "sources[0].filters[0].args.n: .nan is not a finite number"),
     # the document's shape
@@ -71,36 +79,44 @@ BAD_RECIPES = {
     "an empty file": ("", "x.yaml: the recipe must be a mapping of keys, got NoneType"),
     "two documents": (HEAD + "---\nname: u\n", "x.yaml:4:1: not valid YAML: but found another document"),
     "billion laughs": (_laughs(9), f"the document expands to more than {MAX_VALUES:,} values (aliases?)"),
-    "a self-referring alias": (HEAD + "ray: &r {x: *r}\n", "x.yaml:4:6: ray.x: an alias refers to a node that contains it"),
+    "a self-referring alias": (HEAD + "ray: &r {x: *r}\n",
+                               "x.yaml:4:6: ray.x: an alias refers to a node that contains it"),
     "nesting past the bound": (HEAD + "ray: " + "[" * 80 + "]" * 80 + "\n", "nested deeper than 64 levels"),
     "nesting past PyYAML's recursion": (HEAD + "ray: " + "[" * 5000 + "]" * 5000 + "\n",
                                         "x.yaml: not valid YAML: nested too deeply"),
-    "a tab": ("name: t\n\toutput: x\n", "x.yaml:2:1: not valid YAML: found character '\\t' that cannot start any token"),
+    "a tab": ("name: t\n\toutput: x\n",
+              "x.yaml:2:1: not valid YAML: found character '\\t' that cannot start any token"),
     "a NUL character": ("name: t\x00\n", "x.yaml:1:8: not valid YAML: unacceptable character #x0000"),
     "an escaped NUL in a string": (HEAD.replace("/tmp/out", '"/tmp/o\\0ut"'), "x.yaml:2:9: output: contains a NUL"),
-    "a huge wrong value is cut short": (HEAD.replace("urls: [/tmp/x.jsonl]", "urls: [/tmp/x.jsonl], format: " + "x" * 100000),
-                                        "sources[0].format: Input should be 'auto', 'jsonl', 'jsonl.zst', 'jsonl.gz' "
-                                        "or 'parquet' (got '" + "x" * 59 + "...)"),
+    "a huge wrong value is cut short": (
+        HEAD.replace("urls: [/tmp/x.jsonl]", "urls: [/tmp/x.jsonl], format: " + "x" * 100000),
+        "sources[0].format: Input should be 'auto', 'jsonl', 'jsonl.zst', 'jsonl.gz' or 'parquet' (got '"
+        + "x" * 59 + "...)"),
     "a merge of a list": (HEAD + "ray: {<<: [[a]]}\n", "ray: '<<' must merge a mapping"),
     # paths that would leave the run, or be nowhere
     "train.dir ../../..": (HEAD + "train: {dir: ../../..}\n", "train.dir: '../../..' escapes the run directory"),
-    "train.dir absolute": (HEAD + "train: {dir: /etc}\n", "train.dir: '/etc' is not a path relative to the run directory"),
+    "train.dir absolute": (HEAD + "train: {dir: /etc}\n",
+                           "train.dir: '/etc' is not a path relative to the run directory"),
     "train.dir a URL": (HEAD + "train: {dir: 's3://b/x'}\n", "train.dir: 's3://b/x' is not a path relative"),
     "train.dir in the run's docs": (HEAD + "train: {dir: docs}\n", "train.dir: 'docs' is inside the run's own 'docs'"),
     "train.dir empty": (HEAD + "train: {dir: ''}\n", "train.dir: must be a non-empty relative path"),
     "output empty": (HEAD.replace("/tmp/out", "''"), "x.yaml: output: must not be empty"),
     "output blank": (HEAD.replace("/tmp/out", "'  '"), "x.yaml: output: must not be empty"),
     "an empty URL": (HEAD.replace("[/tmp/x.jsonl]", "['']"), "sources[0].urls: must not contain an empty URL"),
-    "an empty url_list": (HEAD.replace("urls: [/tmp/x.jsonl]", "url_list: ''"), "sources[0].url_list: must not be empty"),
+    "an empty url_list": (HEAD.replace("urls: [/tmp/x.jsonl]", "url_list: ''"),
+                          "sources[0].url_list: must not be empty"),
     "an empty tokenizer.model": (HEAD + "tokenizer: {model: ''}\n", "tokenizer.model: must not be empty"),
     # filters[].class: only datatrove filter classes, nothing imported or called otherwise
     "os.system as a filter": (_filters("os.system", "{command: 'touch pwned'}"),
                               "sources[0].filters[0].class: 'os.system' is not a datatrove filter class"),
-    "subprocess.Popen as a filter": (_filters("subprocess.Popen"), "'subprocess.Popen' is not a datatrove filter class"),
+    "subprocess.Popen as a filter": (_filters("subprocess.Popen"),
+                                     "'subprocess.Popen' is not a datatrove filter class"),
     "builtins.eval as a filter": (_filters("builtins.eval"), "'builtins.eval' is not a datatrove filter class"),
     "a datatrove reader": (_filters("datatrove.pipeline.readers.JsonlReader"),
-                           "'datatrove.pipeline.readers.JsonlReader' is not a datatrove filter class (a subclass of BaseFilter)"),
-    "a datatrove module": (_filters("datatrove.pipeline.filters.base_filter.contextlib"), "is not a datatrove filter class"),
+                           "'datatrove.pipeline.readers.JsonlReader' is not a datatrove filter class "
+                           "(a subclass of BaseFilter)"),
+    "a datatrove module": (_filters("datatrove.pipeline.filters.base_filter.contextlib"),
+                           "is not a datatrove filter class"),
     "datatrove's abstract BaseFilter": (_filters("datatrove.pipeline.filters.base_filter.BaseFilter"),
                                         "is abstract: name a concrete filter"),
     "a missing datatrove module": (_filters("datatrove.nope.Filter"), "'datatrove.nope.Filter' cannot be imported"),
@@ -155,8 +171,9 @@ GOOD_RECIPES = {
     "a train.dir of its own": (HEAD + "train: {dir: checkpoints-a}\n", lambda r: r.train.dir == "checkpoints-a"),
     "a datatrove filter": (_filters("datatrove.pipeline.filters.RegexFilter", "{regex_exp: '(?i)subscribe'}"),
                            lambda r: r.sources[0].filters[0].args == {"regex_exp": "(?i)subscribe"}),
-    "many values, no aliases": (HEAD.replace("[/tmp/x.jsonl]", "[" + ", ".join(f"/tmp/{i}.jsonl" for i in range(5000)) + "]"),
-                                lambda r: len(r.sources[0].urls) == 5000),
+    "many values, no aliases": (
+        HEAD.replace("[/tmp/x.jsonl]", "[" + ", ".join(f"/tmp/{i}.jsonl" for i in range(5000)) + "]"),
+        lambda r: len(r.sources[0].urls) == 5000),
 }
 
 
@@ -189,7 +206,8 @@ def test_data_given_in_python_follows_the_same_rules(case):
 OVERRIDES = {
     "ray.num_cpus=.nan": "--set ray.num_cpus: .nan is not a finite number",
     "stages=!!set {ingest}": "--set stages: the YAML tag '!!set' is not allowed",
-    "ray.address=!!python/name:os.system ''": "--set ray.address: the YAML tag '!!python/name:os.system' is not allowed",
+    "ray.address=!!python/name:os.system ''":
+        "--set ray.address: the YAML tag '!!python/name:os.system' is not allowed",
     "dedup.seed=99999999999999999999999": "--set dedup.seed: is an integer past 64 bits",
     "ray={a: 1, a: 2}": "--set ray: a: duplicate key",
     "ray.address=[": "--set ray.address:1:2: not valid YAML: expected the node content",
@@ -235,7 +253,8 @@ def helper(**kw):
 def test_a_module_outside_datatrove_is_not_even_imported(tmp_path, monkeypatch):
     _module(tmp_path, "hostile_filters", FILTER_MODULE, monkeypatch)
     monkeypatch.delenv(FILTER_ALLOW_ENV, raising=False)
-    with pytest.raises(RecipeError, match=f"'hostile_filters.Mine' is not a datatrove filter class .*{FILTER_ALLOW_ENV}"):
+    refused = f"'hostile_filters.Mine' is not a datatrove filter class .*{FILTER_ALLOW_ENV}"
+    with pytest.raises(RecipeError, match=refused):
         load_recipe(_write(tmp_path, _filters("hostile_filters.Mine")))
     assert not (tmp_path / "imported").exists() and "hostile_filters" not in sys.modules
 
