@@ -1,27 +1,38 @@
 """The typed recipe: load a YAML file once, validate it, and pass the result down.
 
-Errors never surface as tracebacks: `RecipeError` names the file and the key path
-(`recipes/x.yaml: sources[1].weight: must be > 0`).
+Errors never surface as tracebacks: `RecipeError` is one line naming the file and the key path
+(`recipes/x.yaml: sources[1].weight: must be > 0`), and the line for what YAML itself refuses.
+
+A recipe is untrusted input. Its YAML may hold only plain values (mappings with string keys,
+lists, strings, 64-bit integers, finite numbers, booleans, null): tags (`!!set`,
+`!!python/...`, `!!binary`), duplicate keys, non-string keys, NaN/infinity and alias bombs are
+refused. Paths meant to be inside the run (`train.dir`) must stay there, and `filters[].class`
+may only name a datatrove filter class (`filter_class`), so a recipe cannot run arbitrary code.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import importlib
+import inspect
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from .layout import _RUN_ENTRIES, RunDirError, contained
+from .plainyaml import PlainYamlError, fmt_loc, load_plain_yaml, plain_copy
 from .stage import STAGES
 
 
@@ -65,12 +76,76 @@ class IngestConfig(_Model):
     report_issues: int = Field(50, ge=0, description="bad records listed per task (all are counted)")
 
 
+FILTER_ALLOW_ENV = "TINYPREP_FILTER_ALLOW"
+
+
+def _env_allows(path: str) -> bool:
+    """Whether TINYPREP_FILTER_ALLOW (comma-separated globs of dotted paths) lists path."""
+    patterns = [p.strip() for p in os.environ.get(FILTER_ALLOW_ENV, "").split(",") if p.strip()]
+    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def filter_class(path: str) -> type:
+    """The filter class `filters[].class` names, or ValueError; nothing it names is called.
+
+    Allowed: a concrete subclass of datatrove's BaseFilter that is defined under `datatrove.`, or
+    one whose dotted path TINYPREP_FILTER_ALLOW lists (`mypkg.filters.*`). The environment, not
+    the recipe, extends the list: a recipe alone can only reach datatrove's own filters. The
+    path is checked before anything is imported, since importing a module runs its code.
+    """
+    trusted = path.startswith("datatrove.")
+    if not trusted and not _env_allows(path):
+        raise ValueError(f"{path!r} is not a datatrove filter class (datatrove.pipeline.filters.*); "
+                         f"other classes only when {FILTER_ALLOW_ENV} lists them")
+    try:
+        from datatrove.pipeline.filters.base_filter import BaseFilter
+    except ImportError as e:
+        raise ValueError(f"{path!r}: filters need datatrove ({e})") from None
+    module, _, name = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except Exception as e:  # noqa: BLE001 - a module's import can fail with anything; report it as one line
+        text = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"{path!r} cannot be imported: {text}") from None
+    if not (isinstance(obj, type) and issubclass(obj, BaseFilter)):
+        raise ValueError(f"{path!r} is not a datatrove filter class (a subclass of BaseFilter)")
+    if inspect.isabstract(obj):
+        raise ValueError(f"{path!r} is abstract: name a concrete filter")
+    if trusted and not obj.__module__.startswith("datatrove.") and not _env_allows(path):
+        raise ValueError(f"{path!r} is defined in {obj.__module__}, not in datatrove; "
+                         f"list it in {FILTER_ALLOW_ENV} to allow it")
+    return obj
+
+
 class FilterSpec(_Model):
     """A datatrove filter block: import path and constructor arguments."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     class_: str = Field(alias="class", pattern=r"^[A-Za-z_][\w.]*\.[A-Za-z_]\w*$")
     args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("class_")
+    @classmethod
+    def _a_filter_class(cls, v: str) -> str:
+        filter_class(v)
+        return v
+
+    @field_validator("args")
+    @classmethod
+    def _args_fit(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        path = info.data.get("class_")
+        if path is None:  # the class was refused; its error says why
+            return v
+        klass = filter_class(path)
+        try:
+            sig = inspect.signature(klass)
+        except (TypeError, ValueError):  # no signature to check against: the filter checks its arguments
+            return v
+        try:
+            sig.bind(**v)
+        except TypeError as e:
+            raise ValueError(f"{klass.__name__}: {e}") from None
+        return v
 
 
 class SelectConfig(_Model):
@@ -115,6 +190,13 @@ class SourceConfig(_Model):
                 raise ValueError("must not contain an empty URL")
         return v
 
+    @field_validator("url_list")
+    @classmethod
+    def _url_list_not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty (null: no list)")
+        return v
+
     @model_validator(mode="after")
     def _has_inputs(self) -> "SourceConfig":
         if not self.urls and not self.url_list:
@@ -141,6 +223,8 @@ class TokenizerRef(_Model):
     @field_validator("model")
     @classmethod
     def _absolute_model(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty (null with `train`: train one into the run)")
         # the tokenize tasks may run in another working directory (Ray workers)
         if v is None or "://" in v or os.path.isabs(v):
             return v
@@ -254,6 +338,20 @@ class TrainConfig(_Model):
         None, gt=0, description="peak FLOP/s of one device for MFU; null: A100/H100/H200 by name (bf16 dense)")
     dir: str = Field("train", description="where checkpoints and metrics go, relative to the run directory")
 
+    @field_validator("dir")
+    @classmethod
+    def _dir_inside_run(cls, v: str) -> str:
+        try:
+            contained(v, "train.dir")
+        except RunDirError as e:
+            raise ValueError(str(e).removeprefix("train.dir: ")) from None
+        # another entry of the run would mix checkpoints with its files, and --fresh deletes
+        # <dir>/checkpoints: RUN/docs/checkpoints is the docs of a source named "checkpoints"
+        top = v.split("/", 1)[0]
+        if top != "train" and top in _RUN_ENTRIES:
+            raise ValueError(f"{v!r} is inside the run's own {top!r}; choose a directory of its own")
+        return v
+
 
 class Recipe(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
@@ -269,6 +367,13 @@ class Recipe(_Model):
     tokenize: TokenizeConfig = TokenizeConfig()
     mix: MixConfig = MixConfig()
     train: TrainConfig = TrainConfig()
+
+    @field_validator("output")
+    @classmethod
+    def _output_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
 
     @field_validator("stages")
     @classmethod
@@ -302,15 +407,7 @@ class Recipe(_Model):
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-
-def _fmt_loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
+MAX_RECIPE_BYTES = 4 << 20  # recipes are a few KB; long input lists belong in `url_list`
 
 
 def _num(v: Any) -> str:
@@ -328,17 +425,19 @@ _MESSAGES = {
 
 
 def _format_errors(path: str, err: ValidationError) -> str:
-    lines = []
+    """Every problem of the recipe, in one line: `path: key.path: message; other.key: message`."""
+    parts = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         make = _MESSAGES.get(e["type"])
         msg = make(e.get("ctx", {})) if make else e["msg"]
         if e["type"] == "literal_error":
-            msg = f"{msg} (got {e['input']!r})"
+            got = repr(e["input"])
+            msg = f"{msg} (got {got if len(got) <= 60 else got[:60] + '...'})"  # a hostile value stays short
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        lines.append(f"{path}: {_fmt_loc(loc)}: {msg}")
-    return "\n".join(lines)
+        parts.append(f"{fmt_loc(loc)}: {' '.join(msg.split())}")
+    return f"{path}: " + "; ".join(parts)
 
 
 _SET_KEY = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -355,9 +454,9 @@ def apply_override(data: dict, assignment: str) -> None:
     if not parts:
         raise RecipeError(f"--set {assignment!r}: empty key")
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"--set {key}: value is not valid YAML: {e}") from None
+        value = load_plain_yaml(raw, f"--set {key}", marks=False)
+    except PlainYamlError as e:
+        raise RecipeError(str(e)) from None
     node: Any = data
     for i, p in enumerate(parts[:-1]):
         nxt = parts[i + 1]
@@ -367,17 +466,17 @@ def apply_override(data: dict, assignment: str) -> None:
             else:
                 node = node.setdefault(p, [] if isinstance(nxt, int) else {})
         except (IndexError, KeyError, TypeError, AttributeError):
-            raise RecipeError(f"--set {key}: {_fmt_loc(tuple(parts[: i + 1]))} does not exist") from None
+            raise RecipeError(f"--set {key}: {fmt_loc(tuple(parts[: i + 1]))} does not exist") from None
     last = parts[-1]
     try:
         node[last] = value
     except (IndexError, TypeError):
-        raise RecipeError(f"--set {key}: {_fmt_loc(tuple(parts))} does not exist") from None
+        raise RecipeError(f"--set {key}: {fmt_loc(tuple(parts))} does not exist") from None
 
 
 def _resolve_local(url: str, base: Path) -> str:
     """Make relative local paths absolute (relative to the working directory)."""
-    if "://" in url or url.startswith("/"):
+    if "://" in url or url.startswith("/") or not url.strip():  # an empty one is refused, not made the cwd
         return url
     return str(base.resolve() / url)
 
@@ -385,7 +484,10 @@ def _resolve_local(url: str, base: Path) -> str:
 def parse_recipe(data: Any, path: str = "<recipe>", overrides: list[str] = (), output: str | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: the recipe must be a mapping of keys, got {type(data).__name__}")
-    data = orjson.loads(orjson.dumps(data))  # deep copy, JSON types only
+    try:
+        data = plain_copy(data, path)  # a deep copy, of plain values only
+    except PlainYamlError as e:
+        raise RecipeError(str(e)) from None
     for o in overrides:
         apply_override(data, o)
     if output is not None:
@@ -408,14 +510,20 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), output: str 
     """Read, override (`--set`), resolve local paths and validate a recipe file."""
     p = str(path)
     try:
-        with open(p, encoding="utf-8") as fh:
-            text = fh.read()
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
         raise RecipeError(f"{p}: cannot read the recipe: {e.strerror}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{p}: larger than {MAX_RECIPE_BYTES >> 20} MiB: not a recipe "
+                          f"(long input lists belong in sources[].url_list)")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise RecipeError(f"{p}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise RecipeError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    try:
+        data = load_plain_yaml(text, p)
+    except PlainYamlError as e:
+        raise RecipeError(str(e)) from None
     return parse_recipe(data, p, overrides, output)

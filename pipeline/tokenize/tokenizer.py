@@ -7,8 +7,9 @@
 - Loading: `load_processor` (a SentencePiece processor from model bytes), `load_checked` (the
   recipe's model, unchanged since the stage was planned).
 - Checking: `tokenizer_info` (hash, vocabulary, BOS/EOS the recipe asks for, a token dtype the
-  vocabulary fits) and `check_manifest_tokenizer` (the model manifest.json was tokenized with:
-  used by mix, `tinyprep verify` and `tinyprep inspect`).
+  vocabulary fits), `preflight_tokenizer` (the same, in seconds, before any stage runs: for
+  `tinyprep validate` and the start of `tinyprep run`) and `check_manifest_tokenizer` (the
+  model manifest.json was tokenized with: used by mix, `tinyprep verify` and `tinyprep inspect`).
 - Training: `train_tokenizer` (SentencePiece BPE with Llama-2's settings, deterministic), used by
   the tokenize stage's `tokenizer` phase and `tinyprep train-tokenizer`.
 """
@@ -76,6 +77,10 @@ def recipe_tokenizer_url(run: RunDir | str) -> str | None:
 # Loading and checking
 
 
+MAX_MODEL_BYTES = 2 << 30  # protobuf refuses messages past 2 GiB: no SentencePiece model is larger
+_NO_TRAIN_HINT = " (give tokenizer.train to train one from the run's documents)"
+
+
 def load_processor(model: bytes):
     """A SentencePieceProcessor of the model's bytes (FormatError if they are not a model)."""
     import sentencepiece as spm
@@ -84,18 +89,41 @@ def load_processor(model: bytes):
     try:
         sp.LoadFromSerializedProto(model)
     except Exception as e:  # sentencepiece raises RuntimeError / OSError with C++ text
-        raise FormatError(f"not a SentencePiece model: {e}") from None
+        text = " ".join(str(e).split())
+        if "ParseFromArray" in text:  # the C++ source line says nothing to a user
+            text = "the bytes do not parse as a SentencePiece ModelProto"
+        raise FormatError(f"not a SentencePiece model: {text}") from None
     return sp
+
+
+def read_model(url: str, hint: str = "") -> bytes:
+    """The bytes of the tokenizer model file at url, or a one-line TokenizeError naming it.
+
+    Only a regular file is read (a directory, a device or a FIFO is refused before opening it:
+    /dev/zero would never end), and none larger than any SentencePiece model can be.
+    """
+    fs, path = storage.url_to_fs(url)
+    try:
+        if fs.isdir(path):
+            raise TokenizeError(f"tokenizer.model: {url}: is a directory, not a tokenizer.model file")
+        if not fs.exists(path):
+            raise FileNotFoundError(path)
+        if not fs.isfile(path):
+            raise TokenizeError(f"tokenizer.model: {url}: not a regular file")
+        if int(fs.size(path) or 0) > MAX_MODEL_BYTES:
+            raise TokenizeError(f"tokenizer.model: {url}: larger than {MAX_MODEL_BYTES >> 30} GiB: "
+                                f"not a SentencePiece model")
+        return storage.read_bytes(url)
+    except FileNotFoundError:
+        raise TokenizeError(f"tokenizer.model: {url}: no such file{hint}") from None
+    except PermissionError as e:
+        raise TokenizeError(f"tokenizer.model: {url}: cannot be read ({e.strerror or 'permission denied'})") from None
 
 
 def tokenizer_info(recipe: Recipe, run: RunDir) -> tuple[TokenizerInfo, np.dtype]:
     """Hash, vocabulary, special ids and token dtype of the recipe's tokenizer (clear errors)."""
     url = tokenizer_url(recipe, run)
-    try:
-        model = storage.read_bytes(url)
-    except FileNotFoundError:
-        hint = "" if recipe.tokenizer.train else " (give tokenizer.train to train one from the run's documents)"
-        raise TokenizeError(f"tokenizer.model: {url}: no such file{hint}") from None
+    model = read_model(url, "" if recipe.tokenizer.train else _NO_TRAIN_HINT)
     try:
         sp = load_processor(model)
     except FormatError as e:
@@ -113,6 +141,54 @@ def tokenizer_info(recipe: Recipe, run: RunDir) -> tuple[TokenizerInfo, np.dtype
     except FormatError as e:
         raise TokenizeError(f"{e} (tokenizer {url})") from None
     return info, dtype
+
+
+def preflight_tokenizer(recipe: Recipe, stages: list[str] | None = None) -> str | None:
+    """None when the recipe's tokenizer can serve its tokenize and mix stages, else one line why.
+
+    Seconds, before any stage runs, instead of a failure after download, ingest and dedup: the
+    model file exists, is a regular file holding a SentencePiece model, has the BOS/EOS pieces
+    `tokenize.bos`/`eos` ask for and a vocabulary `tokenize.dtype` holds (`tokenizer_info`, what
+    the stage itself checks); or, with no file, `tokenizer.train` is set and tokenize runs (it
+    trains one) with a vocabulary the dtype holds. Messages name `tokenizer.model` (or the key
+    at fault) and the path. `stages`: those about to run (default: the recipe's); without
+    tokenize or mix no tokenizer is needed and nothing is read.
+    """
+    wanted = set(stages or recipe.stages)
+    if not wanted & {"tokenize", "mix"}:
+        return None
+    if recipe.tokenizer is None:
+        return "tokenizer: the tokenize and mix stages need tokenizer.model (or tokenizer.train)"
+    run = RunDir(recipe.output)
+    url = tokenizer_url(recipe, run)
+    train = recipe.tokenizer.train
+    try:
+        if not storage.exists(url):
+            if train is None:
+                return f"tokenizer.model: {url}: no such file{_NO_TRAIN_HINT}"
+            if "tokenize" not in wanted:
+                return f"tokenizer.model: {url}: no such file (the tokenize stage trains it: run it first)"
+            return _trained_fits(recipe)
+        tokenizer_info(recipe, run)
+    except TokenizeError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - fsspec backends fail in their own ways: one line, never a traceback
+        text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        return f"tokenizer.model: {url}: cannot be read ({type(e).__name__}{': ' + text if text else ''})"
+    return None
+
+
+def _trained_fits(recipe: Recipe) -> str | None:
+    """Whether the tokenizer tokenize will train fits tokenize.dtype (it always has BOS and EOS:
+    LLAMA2_TRAINER_SETTINGS gives <s> id 1 and </s> id 2)."""
+    vocab = recipe.tokenizer.train.vocab_size
+    if recipe.tokenize.dtype == "auto":
+        return None
+    try:
+        check_vocab_fits(np.dtype(recipe.tokenize.dtype), vocab, "tokenize.dtype")
+    except FormatError as e:
+        return f"{e} (tokenizer.train.vocab_size {vocab})"
+    return None
 
 
 def load_checked(recipe: Recipe, run: RunDir, sha256: str):
