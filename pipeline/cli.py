@@ -84,13 +84,18 @@ def run(recipe: str, output: str | None, stages: str | None, overrides: tuple[st
 
     if output is not None and not output.strip():
         _fail("--output: must not be empty", 2)
+    from .tokenize.tokenizer import preflight_tokenizer
+
+    wanted = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     try:
         r = load_recipe(recipe, list(overrides), output)
         parse_faults()
+        problem = preflight_tokenizer(r, wanted)  # seconds now, not after hours of download and ingest
+        if problem:
+            _fail(problem, 2)
         RunDir(r.output).claim()
     except (RecipeError, FaultRuleError, RunDirError) as e:
         _fail(str(e), 2)
-    wanted = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     try:
         run_recipe(r, wanted, workers)
     except StageFailed as e:
@@ -105,11 +110,17 @@ def run(recipe: str, output: str | None, stages: str | None, overrides: tuple[st
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key.")
 def validate(recipe: str, overrides: tuple[str, ...]) -> None:
-    """Validate a recipe and print it resolved (defaults filled in, paths absolute)."""
+    """Validate a recipe (and the tokenizer it names, when it tokenizes) and print it resolved
+    (defaults filled in, paths absolute)."""
+    from .tokenize.tokenizer import preflight_tokenizer
+
     try:
         r = load_recipe(recipe, list(overrides))
     except RecipeError as e:
         _fail(str(e), 2)
+    problem = preflight_tokenizer(r)
+    if problem:
+        _fail(problem, 2)
     click.echo(r.to_yaml(), nl=False)
 
 

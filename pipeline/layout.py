@@ -42,7 +42,7 @@ RUN_TOKENIZER = "tokenizer.model"  # where a tokenizer trained by the tokenize s
 MARKER_NAME = ".tinyprep-run"  # written when a run directory is created
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # what a run directory holds (any other entry means the directory is someone else's)
-_RUN_ENTRIES = frozenset({"recipe.yaml", "inputs", "raw", "docs", "dedup", "tokenize", RUN_TOKENIZER, "shards",
+RUN_ENTRIES = frozenset({"recipe.yaml", "inputs", "raw", "docs", "dedup", "tokenize", RUN_TOKENIZER, "shards",
                           MANIFEST_NAME, MIXTURE_NAME, "tasks", "stats", "logs", "train", MARKER_NAME})
 
 
@@ -236,7 +236,7 @@ class RunDir:
             if not fs.isdir(path):
                 raise RunDirError(f"{self.url}: exists and is not a directory")
             names = {posixpath.basename(e.rstrip("/")) for e in fs.ls(path, detail=False)}
-            if names - _RUN_ENTRIES:
+            if names - RUN_ENTRIES:
                 raise RunDirError(f"{self.url}: not empty and not a tinyprep run directory (no {MARKER_NAME}); "
                                   f"choose a new or empty output directory")
         storage.write_json(self.marker, {"format": "tinyprep-run", "version": 1,

@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from .layout import _RUN_ENTRIES, RunDirError, contained
+from .layout import RUN_ENTRIES, RunDirError, contained
 from .plainyaml import PlainYamlError, fmt_loc, load_plain_yaml, plain_copy
 from .stage import STAGES
 
@@ -348,7 +348,7 @@ class TrainConfig(_Model):
         # another entry of the run would mix checkpoints with its files, and --fresh deletes
         # <dir>/checkpoints: RUN/docs/checkpoints is the docs of a source named "checkpoints"
         top = v.split("/", 1)[0]
-        if top != "train" and top in _RUN_ENTRIES:
+        if top != "train" and top in RUN_ENTRIES:
             raise ValueError(f"{v!r} is inside the run's own {top!r}; choose a directory of its own")
         return v
 

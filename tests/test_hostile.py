@@ -138,3 +138,15 @@ def test_an_unexpected_os_error_is_one_line_and_debug_shows_the_traceback(tmp_pa
     line = _one_line_error(proc, 1, "a-file", "File exists", "--debug")
     proc = tinyprep("--debug", "stats", str(tmp_path / "run"), "-o", str(blocker / "stats.json"), cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and line not in proc.stderr
+
+
+@pytest.mark.parametrize("model", ["missing.model", "not-a-model.txt"])
+def test_an_unusable_tokenizer_is_refused_before_any_stage(model, tmp_path):
+    (tmp_path / "not-a-model.txt").write_text("hello")
+    recipe = _recipe(tmp_path, stages=["download", "ingest", "tokenize"], tokenizer={"model": str(tmp_path / model)})
+    for command in (["validate", str(recipe)], ["run", str(recipe)]):
+        proc = tinyprep(*command, cwd=tmp_path)
+        _one_line_error(proc, 2, "tokenizer.model", model)
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing was created
+    proc = tinyprep("run", str(recipe), "--stages", "download,ingest", cwd=tmp_path)  # no tokenizer needed
+    assert proc.returncode == 0, proc.stderr
