@@ -72,7 +72,8 @@ def test_a_malformed_fault_rule_is_refused_before_the_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_url_list_entries_that_escape_are_refused_and_nothing_lands_outside(tmp_path):
+@pytest.mark.parametrize("download", [False, True])
+def test_url_list_entries_that_escape_are_refused_and_nothing_lands_outside(download, tmp_path):
     lst = tmp_path / "urls.txt"
     deep = tmp_path / "in" / "a" / "b" / "c"
     deep.mkdir(parents=True)
@@ -81,7 +82,7 @@ def test_url_list_entries_that_escape_are_refused_and_nothing_lands_outside(tmp_
     (tmp_path / "in" / "e" / "y.jsonl").write_text(json.dumps({"text": "another one " * 30}) + "\n")
     # relative to the list's common root, the second entry is ../../../e/y.jsonl: RUN/docs/web/../../..
     lst.write_text(f"{deep}/x.jsonl\n{deep}/../../../e/y.jsonl\n")
-    recipe = _recipe(tmp_path, sources=[{"name": "web", "url_list": str(lst), "download": False, "weight": 1.0}])
+    recipe = _recipe(tmp_path, sources=[{"name": "web", "url_list": str(lst), "download": download, "weight": 1.0}])
     before = {p for p in tmp_path.rglob("*")}
     proc = tinyprep("run", str(recipe), cwd=tmp_path)
     _one_line_error(proc, 1, "escapes the run directory")
