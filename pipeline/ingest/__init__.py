@@ -19,9 +19,9 @@ bad or blank line.
 """
 
 from .ids import document_id, document_ids
-from .readers import detect_format
+from .readers import IngestError, detect_format
 from .stage import STAGE, output_url, parquet_splits, stage
 from .writer import SCHEMA
 
-__all__ = ["stage", "STAGE", "SCHEMA", "document_id", "document_ids", "detect_format", "output_url",
+__all__ = ["stage", "STAGE", "SCHEMA", "document_id", "document_ids", "detect_format", "IngestError", "output_url",
            "parquet_splits"]
