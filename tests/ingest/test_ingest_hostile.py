@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import gzip
 import logging
+import random
+import string
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -206,6 +209,32 @@ def test_a_frame_too_large_to_hold_in_memory_is_held_on_disk(tmp_path, monkeypat
     assert res.stats["sources"]["src"]["unreadable"] == {"bad_checksum": 40}
     res, docs = run_task(tmp_path / "gz", "a.jsonl.gz", gzip.compress(big))
     assert [d["text"] for d in docs] == [record(i)["text"] for i in range(40)]
+
+
+def test_a_held_frame_is_bounded_in_memory(tmp_path, monkeypatch):
+    """A checksummed frame is held until its end: in memory up to HOLD_BYTES, then on disk."""
+    rng = random.Random(3)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(3000)]
+    raw = b"".join(orjson.dumps({"text": " ".join(rng.choices(words, k=rng.randint(40, 80)))}) + b"\n"
+                   for _ in range(20_000))
+    path = tmp_path / "in" / "a.jsonl.zst"
+    path.parent.mkdir()
+    path.write_bytes(zst(raw))
+    recipe = make_recipe(tmp_path, {"min_chars": 50})
+    (task,) = ingest.stage.plan(recipe, RunDir(recipe.output))
+    ingest.stage.run_task(task, recipe, RunDir(recipe.output))  # once untraced: one-time allocations
+    peaks = {}
+    for limit in (1 << 20, 64 << 20):
+        monkeypatch.setattr(compressed, "HOLD_BYTES", limit)
+        tracemalloc.start()
+        try:
+            res = ingest.stage.run_task(task, recipe, RunDir(recipe.output))
+            peaks[limit] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert res.docs == 20_000 and res.errors == 0
+    # held in memory, the frame adds its whole size to the peak; held on disk, at most the limit
+    assert peaks[1 << 20] + 0.75 * len(raw) < peaks[64 << 20], (len(raw), peaks)
 
 
 def test_the_head_of_a_file_releases_its_cut_frame(tmp_path):
