@@ -269,7 +269,7 @@ def zstd_chunks(read: Callable[[], bytes], first: bytes, release_cut: bool = Fal
                     raise _cut(where, inp)
                 if bad is None:
                     try:
-                        out = dobj.decompress(tail)
+                        dobj.decompress(tail)
                     except zstandard.ZstdError as e:
                         bad = ("bad_checksum" if "checksum" in str(e) else "corrupt_zstd", str(e))
             if bad is None and not dobj.eof:

@@ -194,7 +194,7 @@ class _LineBatches:
     ended the stream (None: a clean end); the lines read before an error are still yielded.
     """
 
-    def __init__(self, chunks: Iterator[bytes]):
+    def __init__(self, chunks: Iterator[bytes | Lost]):
         self.chunks, self.tail, self.error = chunks, b"", None
 
     def __iter__(self) -> Iterator[list[bytes] | Lost]:
@@ -292,11 +292,11 @@ def read_jsonl(url: str, fmt: str, text_field: str, head: bool = False) -> Itera
         else:
             chunks = _COMPRESSED[fmt](lambda: _read_raw(raw), first, release_cut=head)
         batches = _LineBatches(chunks)
-        for lines in batches:
-            if type(lines) is list:
-                yield from process(lines)
+        for item in batches:
+            if type(item) is list:
+                yield from process(item)
                 continue
-            lost, n = lines, lines.lines  # a frame that failed its check: its lines are counted, not read
+            lost, n = item, item.lines  # a frame that failed its check: its lines are counted, not read
             if n:
                 yield Problem(lost.kind, line + 1, f"{lost.message}; line(s) {line + 1}-{line + n} not read",
                               rows=n)

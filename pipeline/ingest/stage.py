@@ -122,7 +122,7 @@ class IngestStage(Stage):
                         "(ingest.on_unknown_key=warn):\n  %s", len(found), "\n  ".join(found))
             return
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-        raise IngestError(f"{found[0]}{more}; fix the key, or set ingest.on_unknown_key=warn to accept it")
+        raise IngestError(f"{found[0]}{more}: fix the key, or set ingest.on_unknown_key=warn to accept it")
 
     def run_task(self, task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
         """Ingest one input file (or row-group range): writes its parquet, returns counts and issues."""

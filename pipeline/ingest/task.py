@@ -72,8 +72,8 @@ class Ingestion:
         if self.unseen and self.looked:
             self.counts.issues[:0] = [
                 {"file": self.rel_path, "line": None, "kind": UNKNOWN_KEY,
-                 "message": f"{' and '.join(settings)} key {path!r} is in none of the {self.looked} records read; "
-                            "is it misspelled?"}
+                 "message": f"{' and '.join(settings)} key {path!r} is in none of the {self.looked} records read "
+                            "(misspelled?)"}
                 for path, settings in sorted(self.unseen.items())]
         return self.counts.result()
 

@@ -339,20 +339,32 @@ def test_on_unknown_key_warn_accepts_it(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# an input of no known format, through the CLI
+# through the CLI: one line, exit code 1
 
 
-def test_an_input_of_unknown_format_is_one_line(tmp_path):
+CLI_CASES = {
+    "an input of unknown format": (
+        {}, ["source web", "notes.txt", "unknown input format", ".jsonl.zst", ".parquet", "set its format"]),
+    "a misspelled exclude key": (
+        {"select": {"exclude": {"meta.redpajama_set_nam": ["RedPajamaGithub"]}}, "urls": ["*.jsonl"]},
+        ["source web", "a.jsonl", "select.exclude key 'meta.redpajama_set_nam'", "misspelled"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_one_line(case, tmp_path):
+    over, words = CLI_CASES[case]
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.jsonl").write_bytes(lines(0, 2))
     (src / "notes.txt").write_text("not a corpus")
-    data = {"name": "t", "output": str(tmp_path / "run"), "stages": ["ingest"],
-            "sources": [{"name": "web", "urls": [str(src / "*")]}]}
+    source = {"name": "web", "urls": [str(src / "*")], **over}
+    source["urls"] = [str(src / u) for u in over.get("urls", ["*"])]
+    data = {"name": "t", "output": str(tmp_path / "run"), "stages": ["ingest"], "sources": [source]}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
     proc = tinyprep("run", str(tmp_path / "recipe.yaml"), "--workers", "1", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for word in ("source web", "notes.txt", "unknown input format", ".jsonl.zst", ".parquet", "set its format"):
+    for word in words:
         assert word in err[0], (word, err[0])
