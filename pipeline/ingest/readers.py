@@ -2,9 +2,13 @@
 
 A reader yields, in file order, `Batch`es (about 1 MB of lines, or one parquet batch) and
 `Problem`s (bad input it met: a file that cannot be opened or decoded, a truncated stream, a
-damaged row group). Records that parse but are unusable (bad JSON or UTF-8 on one line, no text)
-travel inside a batch as `fields.Bad` / `fields.MISSING` in place of their text; the steps count
-them. Readers never raise on bad input.
+compressed frame that failed its check, a damaged row group). Records that parse but are unusable
+(bad JSON or UTF-8 on one line, no text) travel inside a batch as `fields.Bad` / `fields.MISSING`
+in place of their text; the steps count them. Readers never raise on bad input.
+
+Compressed JSON lines are decoded by `compressed.py`, which releases a zstd frame (with a content
+checksum) or a gzip member only once its check has passed; the lines of a frame that failed are
+counted unreadable (one `Problem` with their line range) and reading goes on with the next frame.
 
 Remote reads go through `RetryingReader`, which re-opens the file after an I/O error and resumes
 at the same offset (`OPEN_RETRIES` times, exponential backoff from `RETRY_BACKOFF_S`).
@@ -12,7 +16,6 @@ at the same offset (`OPEN_RETRIES` times, exponential backoff from `RETRY_BACKOF
 
 from __future__ import annotations
 
-import zlib
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -20,11 +23,12 @@ from typing import Any, Callable, Iterator
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zstandard
 
 from .. import storage
 from ..recipe import SourceConfig
 from ..retry import call_with_retries
+from ..stage import StageFailed
+from .compressed import Lost, StreamError, gzip_chunks, zstd_chunks
 from .fields import MISSING, Bad, fast_values, getter, values_at
 
 # Suffix -> format, longest first so that ".jsonl.zst" wins over ".zst".
@@ -38,22 +42,30 @@ _SUFFIXES = (
 RAW_READ = 1 << 20  # bytes per read of a plain file
 _RAW_READ_COMPRESSED = 1 << 16  # compressed bytes per decompression step (output stays in cache)
 _BATCH_LINES_BYTES = 1 << 20  # lines are processed in batches of about this many bytes
-_GZIP_STEP_BYTES = 1 << 22  # most decompressed bytes per gzip step
 _PARQUET_BATCH_ROWS = 2048
 OPEN_RETRIES = 3  # re-opens (resuming at the same offset) after an I/O error
 RETRY_BACKOFF_S = 0.2  # first delay before a re-open (tests set it to 0)
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark
 
 
+class IngestError(StageFailed):
+    """The ingest stage cannot run as the recipe asks (an input of unknown format, a selection or
+    subset key found in no record); the CLI prints it as one line, exit code 1."""
+
+
 def detect_format(rel_path: str) -> str:
+    """The format of an input, from its name; IngestError naming the file and the accepted ones."""
     low = rel_path.lower()
     for suffix, fmt in _SUFFIXES:
         if low.endswith(suffix):
             return fmt
-    raise ValueError(
-        f"{rel_path}: unknown input format (expected .jsonl.zst, .jsonl.gz, .jsonl, .json or .parquet; "
-        "or set the source's format)"
-    )
+    raise IngestError(unknown_format(rel_path))
+
+
+def unknown_format(name: str) -> str:
+    """The message for an input whose name gives no format."""
+    return (f"{name}: unknown input format (accepted: {', '.join(s for s, _ in _SUFFIXES)}); "
+            "narrow the source's urls, or set its format")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,22 +103,18 @@ class Problem:
 
 
 def read_records(payload: dict, src: SourceConfig) -> Iterator[Batch | Problem]:
-    """The batches and problems of one ingest task's input (its payload: url, format, split)."""
+    """The batches and problems of one ingest task's input (its payload: url, format, split).
+
+    payload["head"]: the input is the first bytes of a file (`tinyprep plan`'s sample): the
+    compressed frame it ends in is read unverified instead of counted lost.
+    """
     if payload["format"] == "parquet":
         return read_parquet(payload["url"], src, payload.get("split"), payload.get("rows"))
-    return read_jsonl(payload["url"], payload["format"], src.text_field)
+    return read_jsonl(payload["url"], payload["format"], src.text_field, bool(payload.get("head")))
 
 
 # ---------------------------------------------------------------------------------------------
 # Input streams
-
-
-class StreamError(Exception):
-    """The stream ended badly: kind is truncated / not_zstd / corrupt_zstd / not_gzip / ... / io_error."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind, self.message = kind, message
 
 
 class RetryingReader:
@@ -169,64 +177,7 @@ def _plain_chunks(raw: RetryingReader, first: bytes) -> Iterator[bytes]:
         data = _read_raw(raw, RAW_READ)
 
 
-def _zstd_chunks(raw: RetryingReader, first: bytes) -> Iterator[bytes]:
-    """Decompressed pieces of a (multi-frame) zstd stream; StreamError at a bad or cut end."""
-    dctx = zstandard.ZstdDecompressor()
-    dobj = dctx.decompressobj(write_size=1 << 20)
-    produced = 0
-    data, in_frame = first, False
-    while True:
-        while data:
-            in_frame = True
-            try:
-                out = dobj.decompress(data)
-            except zstandard.ZstdError as e:
-                raise StreamError("not_zstd" if produced == 0 else "corrupt_zstd", f"zstd: {e}") from None
-            if out:
-                produced += len(out)
-                yield out
-            if dobj.eof:  # end of a frame: another may follow
-                data = dobj.unused_data
-                dobj = dctx.decompressobj(write_size=1 << 20)
-                in_frame = False
-            else:
-                data = b""
-        data = _read_raw(raw)
-        if not data:
-            break
-    if in_frame:
-        raise StreamError("truncated", "zstd stream ends inside a frame (truncated file)")
-
-
-def _gzip_chunks(raw: RetryingReader, first: bytes) -> Iterator[bytes]:
-    """Decompressed pieces of a (multi-member) gzip stream; StreamError at a bad or cut end."""
-    dobj = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    produced = 0
-    data, in_member = first, False
-    while True:
-        while data:
-            in_member = True
-            try:
-                out = dobj.decompress(data, _GZIP_STEP_BYTES)
-            except zlib.error as e:
-                raise StreamError("not_gzip" if produced == 0 else "corrupt_gzip", f"gzip: {e}") from None
-            if out:
-                produced += len(out)
-                yield out
-            if dobj.eof:
-                data = dobj.unused_data
-                dobj = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                in_member = False
-            else:
-                data = dobj.unconsumed_tail
-        data = _read_raw(raw)
-        if not data:
-            break
-    if in_member:
-        raise StreamError("truncated", "gzip stream ends inside a member (truncated file)")
-
-
-_DECODERS = {"jsonl": _plain_chunks, "jsonl.zst": _zstd_chunks, "jsonl.gz": _gzip_chunks}
+_COMPRESSED = {"jsonl.zst": zstd_chunks, "jsonl.gz": gzip_chunks}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,20 +187,38 @@ _DECODERS = {"jsonl": _plain_chunks, "jsonl.zst": _zstd_chunks, "jsonl.gz": _gzi
 class _LineBatches:
     """Complete lines of a stream of decompressed chunks, in batches of about _BATCH_LINES_BYTES.
 
+    A `Lost` in the stream (a compressed frame that failed its check) ends the batch in progress
+    and is yielded as it is; the line in progress is lost with it, and the rest of the line the
+    lost bytes end inside is skipped (see `Lost`).
     Once iterated, `tail` holds the bytes after the last newline and `error` the StreamError that
     ended the stream (None: a clean end); the lines read before an error are still yielded.
     """
 
-    def __init__(self, chunks: Iterator[bytes]):
+    def __init__(self, chunks: Iterator[bytes | Lost]):
         self.chunks, self.tail, self.error = chunks, b"", None
 
-    def __iter__(self) -> Iterator[list[bytes]]:
+    def __iter__(self) -> Iterator[list[bytes] | Lost]:
         parts: list[bytes] = []  # pieces of the line in progress
         batch: list[bytes] = []  # complete lines waiting to be yielded
         batch_bytes = 0
         started = False  # a batch was yielded
+        skipping = False  # the rest of a lost line is being skipped, up to its newline
         try:
             for chunk in self.chunks:
+                if type(chunk) is not bytes:
+                    if batch:
+                        yield batch
+                        batch, batch_bytes = [], 0
+                    if chunk.lines:
+                        parts = []
+                    started, skipping = True, chunk.skip
+                    yield chunk
+                    continue
+                if skipping:
+                    end = chunk.find(b"\n")
+                    if end < 0:
+                        continue
+                    chunk, skipping = chunk[end + 1:], False
                 if not started and not batch and not parts and chunk.startswith(_BOM):
                     chunk = chunk[3:]
                 lines = chunk.split(b"\n")
@@ -274,8 +243,11 @@ class _LineBatches:
         self.tail = b"".join(parts)
 
 
-def read_jsonl(url: str, fmt: str, text_field: str) -> Iterator[Batch | Problem]:
-    """Batches of the records of a JSON-lines file (plain, zstd or gzip); problems as met."""
+def read_jsonl(url: str, fmt: str, text_field: str, head: bool = False) -> Iterator[Batch | Problem]:
+    """Batches of the records of a JSON-lines file (plain, zstd or gzip); problems as met.
+
+    head: the file is the first bytes of a longer one (see read_records).
+    """
     text_of = getter(text_field)
     text_keys = text_field.split(".")
     loads, JSONDecodeError = orjson.loads, orjson.JSONDecodeError
@@ -315,9 +287,23 @@ def read_jsonl(url: str, fmt: str, text_field: str) -> Iterator[Batch | Problem]
             row += len(objs)
             line += len(lines)
 
-        batches = _LineBatches(_DECODERS[fmt](raw, first))
-        for lines in batches:
-            yield from process(lines)
+        if fmt == "jsonl":
+            chunks = _plain_chunks(raw, first)
+        else:
+            chunks = _COMPRESSED[fmt](lambda: _read_raw(raw), first, release_cut=head)
+        batches = _LineBatches(chunks)
+        for item in batches:
+            if type(item) is list:
+                yield from process(item)
+                continue
+            lost, n = item, item.lines  # a frame that failed its check: its lines are counted, not read
+            if n:
+                yield Problem(lost.kind, line + 1, f"{lost.message}; line(s) {line + 1}-{line + n} not read",
+                              rows=n)
+            else:
+                yield Problem(lost.kind, None, f"{lost.message}; no line lost")
+            row += n
+            line += n
         last, error = batches.tail, batches.error
         if last.strip():
             if error is None:

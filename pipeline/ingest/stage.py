@@ -7,17 +7,20 @@ issues.
 
 from __future__ import annotations
 
+import logging
+
 import pyarrow.parquet as pq
 
 from .. import storage
 from ..inputs import list_inputs
 from ..layout import RunDir, as_run
-from ..recipe import IngestConfig, Recipe
+from ..recipe import IngestConfig, Recipe, SourceConfig
 from ..stage import Stage, Task, TaskResult, fingerprint
-from .readers import detect_format
-from .task import Ingestion
+from .readers import IngestError, detect_format, unknown_format
+from .task import UNKNOWN_KEY, Ingestion
 
 STAGE = "ingest"
+log = logging.getLogger("tinyprep")
 
 
 def output_url(run: RunDir | str, source: str, rel_path: str, split: tuple[int, int] | None = None) -> str:
@@ -59,6 +62,17 @@ def parquet_splits(url: str, every: int) -> list[tuple[int, int, int, int, int]]
     return out
 
 
+def _input_format(src: SourceConfig, rel_path: str, url: str) -> str:
+    """The source's format, or the one the input's name gives (IngestError naming the input when
+    it gives none: a glob that matched a .txt is a recipe to fix, not a traceback)."""
+    if src.format != "auto":
+        return src.format
+    try:
+        return detect_format(rel_path)
+    except IngestError:
+        raise IngestError(f"source {src.name}: {unknown_format(url)}") from None
+
+
 class IngestStage(Stage):
     name = STAGE
 
@@ -71,7 +85,7 @@ class IngestStage(Stage):
             src_cfg.pop("weight", None)
             for f in list_inputs(src, run):
                 url = run.raw(src.name, f.rel_path) if src.download else f.url
-                fmt = detect_format(f.rel_path) if src.format == "auto" else src.format
+                fmt = _input_format(src, f.rel_path, f.url)
                 base = {"url": url, "rel_path": f.rel_path, "format": fmt, "split": None}
                 splits = None
                 if fmt == "parquet" and recipe.ingest.split_row_groups > 0:
@@ -94,6 +108,21 @@ class IngestStage(Stage):
 
     def allowed_errors(self, recipe: Recipe) -> int | None:
         return recipe.ingest.max_errors
+
+    def finish(self, recipe: Recipe, run: RunDir, records: list[dict]) -> None:
+        """Fail on a selection or subset key that some input has in no record (`ingest.on_unknown_key`:
+        error, the default) or log it (warn). Completion records keep the issues, so a resumed run
+        fails the same way until the recipe changes (which changes the tasks' fingerprints)."""
+        found = [f"source {r['source']}: {i['file']}: {i['message']}"
+                 for r in records for i in r.get("issues", ()) if i.get("kind") == UNKNOWN_KEY]
+        if not found:
+            return
+        if getattr(recipe.ingest, "on_unknown_key", "error") == "warn":
+            log.warning("ingest: %d selection/subset key(s) found in no record of an input "
+                        "(ingest.on_unknown_key=warn):\n  %s", len(found), "\n  ".join(found))
+            return
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise IngestError(f"{found[0]}{more}: fix the key, or set ingest.on_unknown_key=warn to accept it")
 
     def run_task(self, task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
         """Ingest one input file (or row-group range): writes its parquet, returns counts and issues."""

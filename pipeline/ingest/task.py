@@ -4,6 +4,11 @@ Per batch: readable -> subset of each record -> read counted -> selection -> too
 short -> empty -> meta -> datatrove filters -> kept counted and handed to the writer. Each step
 (steps.py) says what it rejects; `Ingestion._drop` counts and drops it, the one place where
 filtered documents are counted.
+
+A selection or subset key that no readable record of the file has (a misspelled
+`meta.redpajama_set_nam` would otherwise exclude nothing, silently) is reported as an
+`unknown_key` issue, ahead of the others and never capped; the stage fails on it (stage.py).
+A key missing from some records only is normal: metadata varies.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ from typing import Any, Callable
 from ..recipe import IngestConfig, SourceConfig
 from . import steps
 from .counts import ALL_SUBSET, MISSING_SUBSET, Counts
+from .fields import MISSING
 from .readers import Batch, Problem, read_records
 from .writer import DocsWriter, MetaColumn
+
+UNKNOWN_KEY = "unknown_key"  # the issue kind of a selection / subset key found in no record
 
 
 def subset_key(v: Any) -> str | None:
@@ -44,6 +52,13 @@ class Ingestion:
         self.writer = DocsWriter(fh, cfg, self.source, rel_path, self.subset_path is not None, self.dir_subset,
                                  bool(self.meta.paths))
         self.filters = [steps.make_filter(f) for f in src.filters]
+        # key path -> the settings naming it, until a record has a value there
+        self.unseen: dict[str, list[str]] = {}
+        for setting, paths in (("select.include", src.select.include), ("select.exclude", src.select.exclude),
+                               ("subset", [self.subset_path] if self.subset_path else [])):
+            for path in paths:
+                self.unseen.setdefault(path, []).append(setting)
+        self.looked = 0  # readable records looked at for the unseen keys
 
     def run(self, payload: dict) -> dict:
         """Read the task's input through the steps; write the rest; the source's counters."""
@@ -54,6 +69,12 @@ class Ingestion:
                 else:
                     self.problem(event)
         self.writer.close()
+        if self.unseen and self.looked:
+            self.counts.issues[:0] = [
+                {"file": self.rel_path, "line": None, "kind": UNKNOWN_KEY,
+                 "message": f"{' and '.join(settings)} key {path!r} is in none of the {self.looked} records read "
+                            "(misspelled?)"}
+                for path, settings in sorted(self.unseen.items())]
         return self.counts.result()
 
     def problem(self, p: Problem) -> None:
@@ -86,6 +107,8 @@ class Ingestion:
                 cache[path] = vals
             return vals
 
+        if self.unseen:
+            self._look_for_keys(column, len(T))
         n, first_row = len(T), batch.first_row
         rows = list(range(first_row, first_row + n)) if idx is None else [first_row + i for i in idx]
         subs, subset_vals = self._subsets(column)
@@ -116,6 +139,12 @@ class Ingestion:
         self.counts.add(subs, alive, "bytes_kept", blen)
         self.writer.add([rows[p] for p in alive], [U[p] for p in alive],
                         None if subset_vals is None else [subset_vals[p] for p in alive], metas)
+
+    def _look_for_keys(self, column: Callable[[str], list], n: int) -> None:
+        """Forget the unseen keys that a record of this batch has (usually its first record)."""
+        self.looked += n
+        for path in [p for p in self.unseen if any(v is not MISSING for v in column(p))]:
+            del self.unseen[path]
 
     def _subsets(self, column: Callable[[str], list]) -> tuple[list[str] | str, list | None]:
         """The subset to count each document under (one for the whole batch, or a list), and the

@@ -444,7 +444,7 @@ def test_plan_formats_and_fingerprints(tmp_path):
     assert fp(max_document_bytes=100) != ref and fp(rows_per_group=10) != ref
     assert fp(parquet_compression="snappy") != ref and fp({"min_chars": 10}) != ref
     write(tmp_path / "in2" / "b.txt", b"hello")
-    with pytest.raises(ValueError, match="b.txt"):
+    with pytest.raises(ingest.IngestError, match="b.txt"):
         ingest.stage.plan(make_recipe(tmp_path / "x", [{"urls": [str(tmp_path / "in2" / "*")]}]), RunDir(str(tmp_path / "x")))
 
 
