@@ -74,6 +74,9 @@ class IngestConfig(_Model):
         0, ge=0, description="split a parquet input into tasks of this many row groups (0: one task per file)"
     )
     report_issues: int = Field(50, ge=0, description="bad records listed per task (all are counted)")
+    on_unknown_key: Literal["error", "warn"] = Field(
+        "error", description="a select.include/exclude or subset key found in no record of an input: "
+                             "fail the stage (error) or log it (warn)")
 
 
 FILTER_ALLOW_ENV = "TINYPREP_FILTER_ALLOW"

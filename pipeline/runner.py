@@ -155,9 +155,6 @@ def run_stage(executor, stage: Stage | str, recipe: Recipe, run: RunDir | str | 
             progress.close()
         if failed:
             break
-    else:
-        stage.finish(recipe, run, [records[i] for i in sorted(records)])
-
     ordered = [records[i] for i in sorted(records)]
     stats = merge_all(r["stats"] for r in ordered)
     errors = sum(r["errors"] for r in ordered)
@@ -171,6 +168,9 @@ def run_stage(executor, stage: Stage | str, recipe: Recipe, run: RunDir | str | 
     issues = [i for r in ordered for i in r.get("issues", [])]
     storage.write_bytes(run.stage_issues(stage.name),
                         b"".join(orjson.dumps(i, option=orjson.OPT_SORT_KEYS) + b"\n" for i in issues))
+    if report.ok:  # the stats and issues are written first: a failing finish still leaves them
+        stage.finish(recipe, run, ordered)
+    report.seconds = time.monotonic() - t0
     _append_timeline(run, report, ordered)
     return report
 

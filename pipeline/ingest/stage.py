@@ -117,7 +117,7 @@ class IngestStage(Stage):
                  for r in records for i in r.get("issues", ()) if i.get("kind") == UNKNOWN_KEY]
         if not found:
             return
-        if getattr(recipe.ingest, "on_unknown_key", "error") == "warn":
+        if recipe.ingest.on_unknown_key == "warn":
             log.warning("ingest: %d selection/subset key(s) found in no record of an input "
                         "(ingest.on_unknown_key=warn):\n  %s", len(found), "\n  ".join(found))
             return
