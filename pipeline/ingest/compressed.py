@@ -15,6 +15,8 @@ order, walking the container themselves so that they know where each frame (zstd
 
 Only a broken container (a zstd block header or frame magic that makes no sense, gzip data that
 cannot be inflated: the end of the member is then unknown) ends the stream early: `StreamError`.
+An error of `read()` (the storage: `readers.InputUnavailable`) is not about the content and
+passes through as it is; a frame held when it happens is dropped, never counted.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 
 class StreamError(Exception):
-    """The stream ended badly: kind is truncated / not_zstd / corrupt_zstd / not_gzip / bad_gzip / io_error."""
+    """The stream ended badly: kind is truncated / not_zstd / corrupt_zstd / not_gzip / bad_gzip."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -170,9 +172,9 @@ def _cut(where: str, inp: _Input) -> StreamError:
 
 
 def _lost_inside(held: Held, e: StreamError) -> Lost:
-    """The held bytes of a frame the stream ended inside (a cut or an I/O error counts its lines
-    as truncated, like the partial record of a stream that is not held)."""
-    return held.lost("truncated" if e.kind in ("truncated", "io_error") else e.kind, e.message, undecoded=True)
+    """The held bytes of a frame the stream ended inside (a cut counts its lines as truncated,
+    like the partial record of a stream that is not held)."""
+    return held.lost(e.kind, e.message, undecoded=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +295,9 @@ def zstd_chunks(read: Callable[[], bytes], first: bytes, release_cut: bool = Fal
                 if e.kind == "truncated":
                     return  # counted with the frame's lines: not a file-level problem
         raise
+    finally:
+        if held is not None:  # a storage error (or the consumer stopped) inside a frame
+            held.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,3 +394,6 @@ def gzip_chunks(read: Callable[[], bytes], first: bytes, release_cut: bool = Fal
                 if e.kind == "truncated":
                     return  # counted with the member's lines: not a file-level problem
         raise
+    finally:
+        if held is not None:  # a storage error (or the consumer stopped) inside a frame
+            held.close()

@@ -10,8 +10,12 @@ Compressed JSON lines are decoded by `compressed.py`, which releases a zstd fram
 checksum) or a gzip member only once its check has passed; the lines of a frame that failed are
 counted unreadable (one `Problem` with their line range) and reading goes on with the next frame.
 
-Remote reads go through `RetryingReader`, which re-opens the file after an I/O error and resumes
-at the same offset (`OPEN_RETRIES` times, exponential backoff from `RETRY_BACKOFF_S`).
+Every read of an input goes through `RetryingReader`, which re-opens the file after a storage
+error and resumes at the same offset (`OPEN_RETRIES` times, exponential backoff from
+`RETRY_BACKOFF_S`; which errors are retried: `pipeline/retry.py`). A storage error is never bad
+input: when the retries are spent, or at once for one that cannot heal (access refused), the
+reader raises `InputUnavailable` naming the file, the task fails and the runner retries it.
+Only what the bytes say (bad JSON, bad compression, bad parquet, wrong types) is a `Problem`.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
+from ..download import url_for_log
 from ..recipe import SourceConfig
-from ..retry import call_with_retries
+from ..retry import call_with_retries, describe
 from ..stage import StageFailed
 from .compressed import Lost, StreamError, gzip_chunks, zstd_chunks
 from .fields import MISSING, Bad, fast_values, getter, values_at
@@ -43,14 +48,23 @@ RAW_READ = 1 << 20  # bytes per read of a plain file
 _RAW_READ_COMPRESSED = 1 << 16  # compressed bytes per decompression step (output stays in cache)
 _BATCH_LINES_BYTES = 1 << 20  # lines are processed in batches of about this many bytes
 _PARQUET_BATCH_ROWS = 2048
-OPEN_RETRIES = 3  # re-opens (resuming at the same offset) after an I/O error
+OPEN_RETRIES = 3  # re-opens (resuming at the same offset) after a storage error
 RETRY_BACKOFF_S = 0.2  # first delay before a re-open (tests set it to 0)
+RETRY_BACKOFF_MAX_S = 5.0
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark
 
 
 class IngestError(StageFailed):
     """The ingest stage cannot run as the recipe asks (an input of unknown format, a selection or
     subset key found in no record); the CLI prints it as one line, exit code 1."""
+
+
+class InputUnavailable(RuntimeError):
+    """An input could not be read (missing, unreachable, refused) after the reader's retries.
+
+    Raised out of the task, never counted as bad input: the runner retries the task and then
+    fails the stage with this message, which names the file.
+    """
 
 
 def detect_format(rel_path: str) -> str:
@@ -118,26 +132,78 @@ def read_records(payload: dict, src: SourceConfig) -> Iterator[Batch | Problem]:
 
 
 class RetryingReader:
-    """Reads a file in blocks; after an I/O error re-opens it and resumes at the same offset.
+    """An input as a binary file (read, seek, tell) that survives storage errors.
 
-    The file is opened at the first read, so a file that cannot be opened is a stream error.
+    The file is opened at the first read. After an error it is closed, re-opened and read again
+    from the same offset, as `call_with_retries` schedules; when that fails for good the reader
+    raises InputUnavailable and keeps it in `failure`, so that a caller that sees the error
+    through another library (pyarrow wraps what a Python file raises) still knows it was I/O.
     """
 
     def __init__(self, url: str, retries: int = OPEN_RETRIES):
-        self.url, self.retries, self.pos, self.fh = url, retries, 0, None
+        self.url, self.retries = url, retries
+        self.pos = 0  # the offset of the next read
+        self.fh = None
+        self.fh_pos = 0  # where the open file stands
+        self.opened = False  # the file was opened once
+        self.failure: InputUnavailable | None = None
 
-    def read(self, n: int) -> bytes:
-        return call_with_retries(lambda: self._read_once(n), self.retries, RETRY_BACKOFF_S,
-                                 on_error=lambda e: self.close())
+    def read(self, n: int = -1) -> bytes:
+        return self._retrying(lambda: self._read_once(n))
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 2:
+            self.pos = self._retrying(self._size_once) + offset
+        else:
+            self.pos = offset + (self.pos if whence == 1 else 0)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    def _file(self):
+        if self.fh is None:
+            self.fh, self.fh_pos, self.opened = open_input(self.url), 0, True
+        return self.fh
 
     def _read_once(self, n: int) -> bytes:
-        if self.fh is None:
-            self.fh = open_input(self.url)
-            if self.pos:
-                self.fh.seek(self.pos)
-        data = self.fh.read(n)
+        fh = self._file()
+        if self.fh_pos != self.pos:
+            fh.seek(self.pos)
+        data = fh.read(n)
         self.pos += len(data)
+        self.fh_pos = self.pos
         return data
+
+    def _size_once(self) -> int:
+        self.fh_pos = self._file().seek(0, 2)
+        return self.fh_pos
+
+    def _retrying(self, fn: Callable[[], Any]) -> Any:
+        if self.failure is not None:
+            raise self.failure
+        tries = [0]
+
+        def on_error(e: BaseException) -> None:
+            tries[0] += 1
+            self.close()
+
+        try:
+            return call_with_retries(fn, self.retries, RETRY_BACKOFF_S, max_s=RETRY_BACKOFF_MAX_S, on_error=on_error)
+        except Exception as e:
+            what = f"read failed at byte {self.pos}" if self.opened else "cannot open"
+            self.failure = InputUnavailable(f"{url_for_log(self.url)}: {what} ({tries[0]} attempt(s)): {describe(e)}")
+            raise self.failure from e
 
     def close(self) -> None:
         if self.fh is not None:
@@ -149,25 +215,15 @@ class RetryingReader:
 
 
 def open_input(url: str):
-    """Open an input for binary reading (tests replace this to inject I/O errors)."""
+    """Open an input for binary reading (tests replace this to inject storage errors)."""
     fs, path = storage.url_to_fs(url)
     if storage.is_local(fs):
         return open(path, "rb")
     return fs.open(path, "rb", block_size=RAW_READ * 4)
 
 
-def open_with_retries(url: str):
-    """open_input, retried after I/O errors like a RetryingReader's reads."""
-    return call_with_retries(lambda: open_input(url), OPEN_RETRIES, RETRY_BACKOFF_S)
-
-
 def _read_raw(raw: RetryingReader, size: int | None = None) -> bytes:
-    try:
-        return raw.read(size or _RAW_READ_COMPRESSED)
-    except FileNotFoundError as e:
-        raise StreamError("io_error", f"cannot open: {e}") from None
-    except OSError as e:
-        raise StreamError("io_error", f"read failed at byte {raw.pos} after {raw.retries} retries: {e}") from None
+    return raw.read(size or _RAW_READ_COMPRESSED)
 
 
 def _plain_chunks(raw: RetryingReader, first: bytes) -> Iterator[bytes]:
@@ -253,11 +309,7 @@ def read_jsonl(url: str, fmt: str, text_field: str, head: bool = False) -> Itera
     loads, JSONDecodeError = orjson.loads, orjson.JSONDecodeError
     raw = RetryingReader(url)
     try:
-        try:
-            first = _read_raw(raw, RAW_READ if fmt == "jsonl" else None)
-        except StreamError as e:
-            yield Problem(e.kind, None, e.message, file=True)
-            return
+        first = _read_raw(raw, RAW_READ if fmt == "jsonl" else None)
         if not first:
             yield Problem("empty_file", None, "the file is empty", file=True)
             return
@@ -368,32 +420,30 @@ def read_parquet(url: str, src: SourceConfig, split: list[int] | None,
             return Problem(kind, None, f"{message}; {known_rows} row(s) not read", rows=known_rows, file=first_split)
         return Problem(kind, None, message, file=first_split)
 
-    try:
-        fh = open_with_retries(url)
-    except OSError as e:
-        yield lost("io_error", f"cannot open: {e}")
-        return
+    raw = RetryingReader(url)
     try:
         problem = None
         try:
-            if fh.seek(0, 2) == 0:
+            if raw.seek(0, 2) == 0:
                 problem = lost("empty_file", "the file is empty")
             else:
-                fh.seek(0)
-                pf = pq.ParquetFile(fh)
+                raw.seek(0)
+                pf = pq.ParquetFile(raw)
                 md = pf.metadata
-        except Exception as e:  # noqa: BLE001 - any footer problem is a bad file
+        except Exception as e:  # noqa: BLE001 - any footer problem is a bad file, unless the storage failed
+            if raw.failure is not None:
+                raise raw.failure
             problem = lost("bad_parquet", f"not a readable parquet file: {e}")
         if problem is not None:
             yield problem
             return
-        yield from _parquet_groups(pf, md, src, split)
+        yield from _parquet_groups(pf, md, src, split, raw)
     finally:
-        fh.close()
+        raw.close()
 
 
 def _parquet_groups(pf: pq.ParquetFile, md: pq.FileMetaData, src: SourceConfig,
-                    split: list[int] | None) -> Iterator[Batch | Problem]:
+                    split: list[int] | None, raw: RetryingReader) -> Iterator[Batch | Problem]:
     groups = list(range(split[0], split[1])) if split else list(range(md.num_row_groups))
     row = sum(md.row_group(i).num_rows for i in range(groups[0])) if groups else 0
     total = sum(md.row_group(i).num_rows for i in groups)
@@ -417,6 +467,8 @@ def _parquet_groups(pf: pq.ParquetFile, md: pq.FileMetaData, src: SourceConfig,
                 yield _parquet_batch(batch, row + done, src.text_field, paths)
                 done += batch.num_rows
         except Exception as e:  # noqa: BLE001 - whatever the reader raises on damaged data
+            if raw.failure is not None:  # not damaged data: the storage failed
+                raise raw.failure
             yield Problem("bad_parquet", row + done,
                           f"row group {g} unreadable after {done} row(s): {e}; {n - done} row(s) lost",
                           rows=n - done)

@@ -16,7 +16,7 @@ from ..inputs import list_inputs
 from ..layout import RunDir, as_run
 from ..recipe import IngestConfig, Recipe, SourceConfig
 from ..stage import Stage, Task, TaskResult, fingerprint
-from .readers import IngestError, detect_format, unknown_format
+from .readers import IngestError, RetryingReader, detect_format, unknown_format
 from .task import UNKNOWN_KEY, Ingestion
 
 STAGE = "ingest"
@@ -39,15 +39,20 @@ def _output_settings(cfg: IngestConfig) -> dict:
 def parquet_splits(url: str, every: int) -> list[tuple[int, int, int, int, int]] | None:
     """(start, end, first_row, rows, compressed_bytes) per range of `every` row groups.
 
-    None when the footer cannot be read (the single task then reports the file); [] when the
-    file has no more than `every` row groups (one task, no split).
+    None when the footer is not a parquet footer (the single task then reports the file); [] when
+    the file has no more than `every` row groups (one task, no split). The footer is read like
+    any input (`readers.RetryingReader`): when the storage fails after the retries, IngestError
+    naming the file (a plan must not depend on a passing network error).
     """
+    raw = RetryingReader(url)
     try:
-        fs, path = storage.url_to_fs(url)
-        with fs.open(path, "rb") as fh:
-            md = pq.ParquetFile(fh).metadata
-    except Exception:  # noqa: BLE001 - an unreadable file becomes one task that reports it
+        md = pq.ParquetFile(raw).metadata
+    except Exception as e:  # noqa: BLE001 - an unreadable file becomes one task that reports it
+        if raw.failure is not None:
+            raise IngestError(f"planning ingest: {raw.failure}") from e
         return None
+    finally:
+        raw.close()
     groups = [(md.row_group(i).num_rows,
                sum(md.row_group(i).column(c).total_compressed_size for c in range(md.row_group(i).num_columns)))
               for i in range(md.num_row_groups)]
@@ -90,9 +95,8 @@ class IngestStage(Stage):
                 splits = None
                 if fmt == "parquet" and recipe.ingest.split_row_groups > 0:
                     # the footer of the raw copy, or of the original when it is not downloaded yet
-                    splits = parquet_splits(url, recipe.ingest.split_row_groups)
-                    if splits is None and url != f.url:
-                        splits = parquet_splits(f.url, recipe.ingest.split_row_groups)
+                    footer = url if url == f.url or storage.exists(url) else f.url
+                    splits = parquet_splits(footer, recipe.ingest.split_row_groups)
                 if not splits:
                     out.append(Task(STAGE, f"{src.name}/{f.rel_path}", src.name,
                                     fingerprint(STAGE, f.version, fmt, src_cfg, settings, None),

@@ -9,6 +9,9 @@ A selection or subset key that no readable record of the file has (a misspelled
 `meta.redpajama_set_nam` would otherwise exclude nothing, silently) is reported as an
 `unknown_key` issue, ahead of the others and never capped; the stage fails on it (stage.py).
 A key missing from some records only is normal: metadata varies.
+
+An input that cannot be read (`readers.InputUnavailable`: missing, unreachable) is not bad
+input: the task raises, so that the runner retries it and then fails the stage.
 """
 
 from __future__ import annotations
@@ -62,12 +65,20 @@ class Ingestion:
 
     def run(self, payload: dict) -> dict:
         """Read the task's input through the steps; write the rest; the source's counters."""
-        with contextlib.closing(read_records(payload, self.src)) as events:
-            for event in events:
-                if type(event) is Batch:
-                    self.add(event)
-                else:
-                    self.problem(event)
+        try:
+            with contextlib.closing(read_records(payload, self.src)) as events:
+                for event in events:
+                    if type(event) is Batch:
+                        self.add(event)
+                    else:
+                        self.problem(event)
+        except BaseException:
+            # The input could not be read (InputUnavailable) or a filter raised: the task fails
+            # and its output is discarded; close the parquet writer now, while its file is still
+            # open, not at garbage collection (where it would write to a closed file).
+            with contextlib.suppress(Exception):
+                self.writer.writer.close()
+            raise
         self.writer.close()
         if self.unseen and self.looked:
             self.counts.issues[:0] = [

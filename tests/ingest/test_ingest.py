@@ -272,16 +272,19 @@ def test_parquet_damaged_row_group_and_bad_utf8(tmp_path):
     assert (cb["read"], cb["kept"], cb["unreadable"]) == (2, 1, {"bad_utf8": 1})
 
 
-def test_missing_file_and_byte_order_mark(tmp_path):
+def test_missing_file_raises_and_byte_order_mark(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "RETRY_BACKOFF_S", 0.0)
     write(tmp_path / "in" / "a.jsonl", b"\xef\xbb\xbf" + jsonl([slim_record(LONG)] * 2))
     b = write(tmp_path / "in" / "b.jsonl", jsonl([slim_record(LONG)]))
     recipe = make_recipe(tmp_path, [{"urls": [str(tmp_path / "in" / "*.jsonl")]}])
-    tasks = ingest.stage.plan(recipe, RunDir(recipe.output))
+    ta, tb = ingest.stage.plan(recipe, RunDir(recipe.output))
     b.unlink()
-    ra, rb = (ingest.stage.run_task(t, recipe, RunDir(recipe.output)) for t in tasks)
+    ra = ingest.stage.run_task(ta, recipe, RunDir(recipe.output))
     assert ra.stats["sources"]["src"]["kept"] == 2 and ra.errors == 0
-    assert rb.stats["sources"]["src"]["files_unreadable"] == 1 and rb.errors == 1
-    assert [i["kind"] for i in rb.issues] == ["io_error"]
+    # gone since the listing: not a bad file, a task that fails (the runner retries it)
+    with pytest.raises(readers.InputUnavailable, match=r"b\.jsonl: cannot open \(4 attempt\(s\)\): FileNotFoundError"):
+        ingest.stage.run_task(tb, recipe, RunDir(recipe.output))
+    assert not (tmp_path / "run" / "docs" / "src" / "b.jsonl.parquet").exists()
 
 
 def test_split_parquet_ids_equal_unsplit(tmp_path):
@@ -472,15 +475,18 @@ def test_document_id_definition():
 
 
 class _FlakyFile:
-    """A file that raises OSError once its read position passes `fail_at` (`times` times)."""
+    """A file that raises OSError once its read position passes `fail_at` (`times` times); with
+    `below`, on reads that start before `fail_at` instead."""
 
     state = {"failures": 0}
 
-    def __init__(self, path, fail_at, times):
-        self.fh, self.fail_at, self.times = open(path, "rb"), fail_at, times
+    def __init__(self, path, fail_at, times, below=False):
+        self.fh, self.fail_at, self.times, self.below = open(path, "rb"), fail_at, times, below
 
     def read(self, n):
-        if self.fh.tell() + n > self.fail_at and _FlakyFile.state["failures"] < self.times:
+        pos = self.fh.tell()
+        hit = pos < self.fail_at if self.below else pos + n > self.fail_at
+        if hit and _FlakyFile.state["failures"] < self.times:
             _FlakyFile.state["failures"] += 1
             raise OSError("connection reset")
         return self.fh.read(n)
@@ -492,22 +498,52 @@ class _FlakyFile:
         self.fh.close()
 
 
-@pytest.mark.parametrize("times, kept, files_unreadable", [(2, 40, 0), (100, None, 1)])
-def test_io_error_mid_file(tmp_path, monkeypatch, times, kept, files_unreadable):
-    raw = jsonl([slim_record(f"{i} {LONG}") for i in range(40)])
-    write(tmp_path / "in" / "a.jsonl", raw)
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.zst"])
+@pytest.mark.parametrize("times", [2, 100])
+def test_io_error_mid_file(tmp_path, monkeypatch, times, fmt):
+    rng = random.Random(5)  # text that does not compress away: the failure falls mid-file in both formats
+    raw = jsonl([slim_record(" ".join("".join(rng.choices(string.ascii_lowercase, k=6)) for _ in range(60)))
+                 for _ in range(40)])
+    data = raw if fmt == "jsonl" else zst(raw)
+    write(tmp_path / "in" / f"a.{fmt}", data)
     _FlakyFile.state = {"failures": 0}
     monkeypatch.setattr(readers, "RETRY_BACKOFF_S", 0.0)
     monkeypatch.setattr(readers, "RAW_READ", 4096)
-    monkeypatch.setattr(readers, "open_input", lambda url: _FlakyFile(url, 6000, times))
-    _, (res,), merged = run_all(make_recipe(tmp_path, [{"urls": [str(tmp_path / "in" / "*")]}]))
-    c = counts(merged)
-    assert c["files_unreadable"] == files_unreadable
-    if kept is not None:
-        assert c["kept"] == kept and res.errors == 0
-    else:  # the records read before the failure are kept; the cut one is counted
-        assert c["kept"] == raw[:4096].count(b"\n") and c["unreadable"] == {"truncated": 1}
-        assert [i["kind"] for i in res.issues] == ["truncated", "io_error"]
+    monkeypatch.setattr(readers, "_RAW_READ_COMPRESSED", 1024)
+    monkeypatch.setattr(readers, "open_input", lambda url: _FlakyFile(url, len(data) // 2, times))
+    recipe = make_recipe(tmp_path, [{"urls": [str(tmp_path / "in" / "*")]}])
+    if times <= readers.OPEN_RETRIES:  # re-opened and resumed at the same offset: nothing lost
+        _, (res,), merged = run_all(recipe)
+        assert counts(merged)["kept"] == 40 and res.errors == 0 and _FlakyFile.state["failures"] == times
+        return
+    # a connection that stays broken fails the task; nothing read before it is counted or kept
+    (task,) = ingest.stage.plan(recipe, RunDir(recipe.output))
+    with pytest.raises(readers.InputUnavailable, match=r"read failed at byte \d+ \(4 attempt\(s\)\): OSError"):
+        ingest.stage.run_task(task, recipe, RunDir(recipe.output))
+    assert _FlakyFile.state["failures"] == readers.OPEN_RETRIES + 1
+    assert not list((tmp_path / "run" / "docs").rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("times", [2, 100])
+def test_parquet_io_error_in_a_row_group_is_not_bad_parquet(tmp_path, monkeypatch, times):
+    rng = random.Random(6)
+    texts = [" ".join("".join(rng.choices(string.ascii_lowercase, k=6)) for _ in range(60)) for _ in range(400)]
+    path = _parquet(tmp_path / "in" / "a.parquet", texts, row_group_size=100)
+    md = pq.ParquetFile(path).metadata
+    footer = max(c.data_page_offset + c.total_compressed_size  # where the data of the row groups ends
+                 for c in (md.row_group(g).column(k) for g in range(4) for k in range(md.num_columns)))
+    assert path.stat().st_size - footer < 64 << 10 < footer  # the footer read does not reach the row groups
+    _FlakyFile.state = {"failures": 0}
+    monkeypatch.setattr(readers, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(readers, "open_input", lambda url: _FlakyFile(url, footer // 2, times, below=True))
+    recipe = make_recipe(tmp_path, [{"urls": [str(path)], "text_field": "content"}])
+    if times <= readers.OPEN_RETRIES:
+        _, (res,), merged = run_all(recipe)
+        assert counts(merged)["kept"] == 400 and res.errors == 0 and _FlakyFile.state["failures"] == times
+        return
+    (task,) = ingest.stage.plan(recipe, RunDir(recipe.output))
+    with pytest.raises(readers.InputUnavailable, match=r"a\.parquet: read failed at byte \d+ \(4 attempt\(s\)\)"):
+        ingest.stage.run_task(task, recipe, RunDir(recipe.output))
 
 
 def test_streaming_memory_is_bounded(tmp_path):
