@@ -4,7 +4,10 @@ A local run directory gets `<dest>.partial`, renamed to `<dest>` only after its 
 checksum are verified, so a killed task leaves at most a `.partial` that the next attempt
 continues from (a ranged read: open the source, `seek(offset)`). A connection dropped mid-file
 is reconnected and resumed from the bytes already written, `download.retries` times per task
-with exponential backoff; then the task raises and the runner retries it later.
+with exponential backoff; then the task raises and the runner retries it later. Errors that can
+heal (connection resets, timeouts, 5xx, 429, a file missing for now) are reconnected; those that
+cannot (access refused, another 4xx) raise at once (`pipeline/retry.py` decides which). Either
+way a file that cannot be had fails its task, and so the stage: it is never skipped.
 
 A non-local run directory (s3://, gs://, ...) is written through `storage.atomic_open`: drops
 are still resumed within the task, but there is no `.partial` to continue from across tasks.
@@ -37,7 +40,7 @@ from . import storage
 from .inputs import list_inputs
 from .layout import RunDir
 from .recipe import Recipe
-from .retry import backoff_delay
+from .retry import backoff_delay, describe, is_permanent
 from .stage import Stage, Task, TaskResult, fingerprint
 
 STAGE = "download"
@@ -52,8 +55,6 @@ PARTIAL_SUFFIX = ".partial"
 _STREAMING_PROTOCOLS = frozenset({"http", "https", "hf"})
 _HTTP_PROTOCOLS = frozenset({"http", "https"})
 _HASHES: dict[str, Callable[[], Any]] = {"sha256": hashlib.sha256, "md5": hashlib.md5}
-# HTTP statuses worth a reconnect; other 4xx answers will not change on retry.
-_RETRYABLE_4XX = frozenset({408, 425, 429})
 
 
 class DownloadError(RuntimeError):
@@ -101,7 +102,12 @@ def _download_local(src_fs, src_path: str, url: str, dest_path: str, expected: i
             sink.restart()
         elif sink.size:
             log.info("%s: resuming from %d bytes of %s", url_for_log(url), sink.size, _fmt_size(expected))
-        _copy(src_fs, src_path, url, sink, expected, block, retries, counters)
+        try:
+            _copy(src_fs, src_path, url, sink, expected, block, retries, counters)
+        except BaseException:
+            if sink.size == 0:  # nothing to resume from (a missing or refused source): no .partial
+                sink.discard()
+            raise
         _verify(url, sink, digest, on_mismatch=sink.discard)
         sink.commit(dest_path)
         return sink.size
@@ -160,17 +166,19 @@ def _copy(src_fs, src_path: str, url: str, sink, expected: int, block: int, retr
             log.warning("%s: cannot resume from byte %d (%s); starting over", url_for_log(url), offset, e)
             ranges_ok = False
         except Exception as e:
-            if _is_permanent(e):
+            if isinstance(e, DownloadError):
                 raise
+            if _is_permanent(e):
+                raise DownloadError(f"{url_for_log(url)}: {describe(e)}") from e
             failures += 1
             if failures > retries:
                 raise DownloadError(
                     f"{url_for_log(url)}: download failed after {retries} reconnect(s): received "
-                    f"{sink.size} of {_fmt_size(expected)} bytes; last error: {type(e).__name__}: {e}"
+                    f"{sink.size} of {_fmt_size(expected)} bytes; last error: {describe(e)}"
                 ) from e
             delay = backoff_delay(failures - 1, BACKOFF_FIRST_S, BACKOFF_MAX_S)
-            log.warning("%s: %s: %s at %d of %s bytes; reconnecting in %.1f s (%d/%d)", url_for_log(url),
-                        type(e).__name__, e, sink.size, _fmt_size(expected), delay, failures, retries)
+            log.warning("%s: %s at %d of %s bytes; reconnecting in %.1f s (%d/%d)", url_for_log(url),
+                        describe(e), sink.size, _fmt_size(expected), delay, failures, retries)
             counters.reconnects += 1
             time.sleep(delay)
 
@@ -197,23 +205,19 @@ def _open_source(fs, path: str, offset: int, expected: int, block: int):
 
 
 def _is_permanent(e: BaseException) -> bool:
-    """Errors a reconnect cannot fix: missing files, refused access, our own verdicts."""
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                      NotImplementedError, DownloadError)):
-        return True
-    status = getattr(e, "status", None)  # aiohttp.ClientResponseError
-    if not isinstance(status, int):
-        status = getattr(getattr(e, "response", None), "status_code", None)  # requests / httpx / huggingface_hub
-    return isinstance(status, int) and 400 <= status < 500 and status not in _RETRYABLE_4XX
+    """Errors a reconnect cannot fix: refused access, a 4xx (`retry.is_permanent`), our own
+    verdicts. A missing file is retried: it may heal (see `pipeline/retry.py`)."""
+    return isinstance(e, DownloadError) or is_permanent(e)
 
 
 def _remote_size(fs, path: str, url: str) -> int:
-    """The source's size asked at run time, or -1 when the store does not say."""
+    """The source's size asked at run time, or -1 when the store does not say (or not now: a
+    flaky HEAD, or a file missing for the moment; the copy has its own retries)."""
     try:
         size = fs.size(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{url_for_log(url)}: no such file") from None
-    except Exception as e:  # a flaky HEAD: the copy has its own retries
+    except Exception as e:
+        if is_permanent(e):
+            raise DownloadError(f"{url_for_log(url)}: {describe(e)}") from e
         log.debug("%s: size unknown (%s)", url_for_log(url), e)
         return -1
     return int(size) if size is not None else -1
