@@ -15,6 +15,15 @@ there is no pause between epochs, and the resume state is one integer: samples c
 multiple of B). Rank r of W takes the contiguous slice [r B / W, (r + 1) B / W) of every global
 batch, so a batch's contents do not depend on W (nor on DataLoader workers, which take whole
 batches in turn: `as_dataloader`); a run can resume on another world size.
+
+Every batch's token ids are checked as they are read, before the model sees them (`first_bad_row`:
+one max per row, a few microseconds against the reads): an id outside the tokenizer's vocabulary
+(manifest.json `tokenizer.vocab_size`; torch would stop with an IndexError deep in the embedding)
+and a window of seq_len + 1 zeros both stop with FormatError naming the shard and the token offset.
+All zeros is what a zeroed, hole-punched or half-copied file reads as; id 0 is `<unk>` for
+SentencePiece tokenizers, and no real text is a whole window of one token, so it is refused rather
+than trained on. Damage that leaves some ids in each window is not detected here (the shards'
+sha256, `tinyprep verify`, is).
 """
 
 from __future__ import annotations
@@ -98,6 +107,34 @@ class MixtureIndex:
                 for name, c, n in zip(self.names, counts, self.per_epoch)}
 
 
+def first_bad_row(rows: np.ndarray, vocab_size: int) -> int:
+    """-1 when every row (a token window) holds ids in [0, vocab_size) and is not all zeros, else the
+    first row that is not. The common case costs one max per row."""
+    hi = rows.max(axis=1)
+    signed = rows.dtype.kind == "i"
+    if hi.all() and int(hi.max()) < vocab_size and not (signed and int(rows.min()) < 0):
+        return -1
+    bad = (hi == 0) | (hi >= vocab_size)
+    if signed:
+        bad |= rows.min(axis=1) < 0
+    return int(np.flatnonzero(bad)[0])
+
+
+def window_error(stream: SourceStream, start: int, row: np.ndarray, vocab_size: int) -> FormatError:
+    """The error for a window that first_bad_row refused: the shard file and the token offset."""
+    outside = np.flatnonzero((row >= vocab_size) | (row < 0))
+    if outside.size:
+        col = int(outside[0])
+        path, offset = stream.where(start + col)
+        what = (f"token id {int(row[col])} is outside the tokenizer's vocabulary of {vocab_size:,} ids "
+                "(manifest.json tokenizer.vocab_size): the shard is damaged or comes from another tokenizer")
+    else:
+        path, offset = stream.where(start)
+        what = (f"the {row.size:,} tokens from here are all 0 (a zeroed or hole-punched file?); "
+                "tinyprep verify compares the shards with their checksums")
+    return FormatError(f"{path}: token offset {offset:,}: {what}")
+
+
 def check_world(global_batch: int, world: int, micro_batch: int) -> int:
     """Micro-batches per step of each rank; ValueError unless the global batch splits evenly."""
     if global_batch % world:
@@ -142,6 +179,7 @@ class MixtureLoader:
                 raise FormatError(f"mixture.json: source {src.name!r}: available_tokens {src.available_tokens:,} "
                                   f"!= {stream.tokens:,} in its shards")
         self.dtype = self.shards.dtype
+        self.vocab_size = manifest.tokenizer.vocab_size
 
     # -- state: one integer -----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -215,6 +253,11 @@ class MixtureLoader:
                             self.shards.short_read(sh, byte_offsets[r])
                     r += 1
                 lo = i * self.local
+                bad = first_bad_row(stage, self.vocab_size)
+                if bad >= 0:
+                    src = int(refs.source[lo + bad])
+                    raise window_error(self.streams[src], int(refs.sample[lo + bad]) * self.seq_len, stage[bad],
+                                       self.vocab_size)
                 yield Batch(x, torch.from_numpy(stage.astype(np.int64)), refs.source[lo:lo + self.local])
             b = int(todo[-1]) + stride
 
@@ -254,6 +297,7 @@ class HoldoutSet:
 
     def __init__(self, run_url: str, manifest: Manifest, mixture: Mixture, per_source: int):
         self.seq_len = mixture.seq_len
+        self.vocab_size = manifest.tokenizer.vocab_size
         self.names: list[str] = []
         entries, spans = [], []
         for src in mixture.sources:
@@ -276,4 +320,8 @@ class HoldoutSet:
         buf = np.empty((len(items), self.seq_len + 1), dtype=self.shards.dtype if self.shards else np.uint16)
         for row, (s, j) in enumerate(items):
             self.streams[s].read(j * self.seq_len, buf[row])
+        bad = first_bad_row(buf, self.vocab_size) if len(items) else -1
+        if bad >= 0:
+            s, j = items[bad]
+            raise window_error(self.streams[s], j * self.seq_len, buf[bad], self.vocab_size)
         return torch.from_numpy(buf.astype(np.int64))
