@@ -413,15 +413,17 @@ def test_cli_refuses_when_no_checkpoint_is_usable_and_warns_on_a_fallback(ckrun)
 # -- slow: they train --------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_training_stops_on_an_id_outside_the_vocabulary_with_one_line(tmp_path):
-    """Two ranks: the rank's FormatError comes back as one line naming the shard, not torch's
-    IndexError from the embedding."""
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_training_stops_on_an_id_outside_the_vocabulary_with_one_line(nproc, tmp_path):
+    """One rank (in the CLI's process) or two (spawned): the loader's FormatError comes back as one
+    line naming the shard and offset, not torch's IndexError from the embedding."""
     run = tmp_path / "run"
     _write_run(run, {"code/train": np.concatenate([[synthetic.BOS], np.full(2000, 4000)])})  # half the source
-    proc = tinyprep("train", str(_write_recipe(run, nproc=2)), cwd=ROOT, env={"OMP_NUM_THREADS": "1"})
-    line = _cli_error(proc, "error: rank ", "shards/code/train/00000.bin: token offset",
+    proc = tinyprep("train", str(_write_recipe(run, nproc=nproc)), cwd=ROOT, env={"OMP_NUM_THREADS": "1"})
+    line = _cli_error(proc, "shards/code/train/00000.bin: token offset",
                       "token id 4000 is outside the tokenizer's vocabulary of 256 ids")
     assert "IndexError" not in proc.stderr and "FormatError" not in line
+    assert line.startswith("error: rank 0: " if nproc == 2 else f"error: {run}/shards/code"), line
 
 
 @pytest.mark.slow
