@@ -78,7 +78,7 @@ def read_info(path: Path) -> CheckpointInfo:
     except FileNotFoundError:
         raise CheckpointError("meta.json is missing (the save did not finish)") from None
     except (OSError, orjson.JSONDecodeError) as e:
-        raise CheckpointError(f"meta.json is unreadable: {e}") from None
+        raise CheckpointError(f"meta.json is unreadable: {' '.join(str(e).split())}") from None
     if not isinstance(meta, dict):
         raise CheckpointError("meta.json is not a JSON object")
     for key, typ in _META_KEYS.items():
@@ -101,7 +101,8 @@ def check_files(path: Path) -> None:
             end = int(info.offset) + int(info.length)
             need[info.relative_path] = max(need.get(info.relative_path, 0), end)
     except Exception as e:  # noqa: BLE001 - unpickling junk raises anything; the point is it is unusable
-        raise CheckpointError(f".metadata is unreadable ({type(e).__name__}: {str(e)[:80]})") from None
+        reason = " ".join(str(e).split())[:80]  # one line, whatever the unpickler said
+        raise CheckpointError(f".metadata is unreadable ({type(e).__name__}: {reason})") from None
     for name, end in sorted(need.items()):
         try:
             size = (path / name).stat().st_size
@@ -139,11 +140,6 @@ def resumable(root: Path) -> tuple[CheckpointInfo | None, list[tuple[Path, str]]
             continue
         return info, damaged
     return None, damaged
-
-
-def latest(root: Path) -> CheckpointInfo | None:
-    """The newest usable checkpoint under root."""
-    return resumable(root)[0]
 
 
 def check_compatible(info: CheckpointInfo, fingerprint: str, global_batch: int, model: dict) -> None:

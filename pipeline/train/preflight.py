@@ -7,10 +7,10 @@
 - Every shard the trainer may read is on disk as manifest.json describes it: the `.bin` exists with
   `bin_bytes` bytes (one stat), the `.idx` exists and its header has the manifest's dtype and
   document count and its size is the one that header implies (an open, a stat, a 34-byte read).
-  That is three system calls per shard (about 8,000 shards at 3T tokens). Not checked here: the
-  shards' sha256 (a full read of every `.bin`, 6 TB at 3T tokens, and of every `.idx`, 1% of
-  that again: `tinyprep verify` does it), and what the `.bin` holds; the loader checks every
-  batch's token ids as it reads them (loader.check_window).
+  A few system calls per shard: 0.2-0.3 s for a plan of 8,082 shards (3T tokens) on a local disk.
+  Not checked here: the shards' sha256 (a full read of every `.bin`, 6 TB of uint16 at 3T tokens,
+  and of every `.idx`, 20 bytes a document, about 60 GB: `tinyprep verify` does it), and what the
+  `.bin` holds: the loader checks every batch's token ids as it reads them (loader.first_bad_row).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..formats import FormatError
 from ..formats.manifest import Manifest, Mixture, ShardEntry, shard_prefix
 from ..formats.megatron import _read_header
 from ..layout import as_run
+from ..mix import MixError, plan_mixture
 from ..recipe import Recipe
 
 RERUN_MIX = "rerun the mix stage: tinyprep run RECIPE --stages mix"
@@ -33,8 +34,6 @@ RERUN_MIX = "rerun the mix stage: tinyprep run RECIPE --stages mix"
 def recipe_changes(recipe: Recipe, manifest: Manifest, mixture: Mixture) -> list[str]:
     """What differs between the recipe's mixture settings and the ones mixture.json was planned
     with, one phrase per setting ("mix.seq_len 64 in the recipe, 32 in mixture.json")."""
-    from ..mix import MixError, plan_mixture
-
     cfg = recipe.mix
     changes = []
     names = [s.name for s in recipe.sources]
