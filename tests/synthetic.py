@@ -3,7 +3,9 @@
 `write_run` writes real shards (MegatronWriter), manifest.json and a mixture planned by the mix
 stage's own `plan_mixture`, from token arrays; `write_described_run` writes only a manifest and a
 mixture that describe a corpus of any size (fake checksums, no shard files): the loader's start-up
-and index math on a 3T-token plan, without 3T tokens on disk.
+and index math on a 3T-token plan, without 3T tokens on disk; `write_stub_shards` then gives such a
+run shard files of the described sizes (sparse: no token is written), for the trainer's start-up
+check of the shards.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from pipeline.formats.manifest import (
     write_manifest,
     write_mixture,
 )
-from pipeline.formats.megatron import MegatronWriter
+from pipeline.formats.megatron import (
+    HEADER,
+    MAGIC,
+    VERSION,
+    MegatronWriter,
+    _dtype_code,
+)
 from pipeline.mix import plan_mixture
 from pipeline.recipe import parse_recipe
 
@@ -104,6 +112,26 @@ def write_described_run(run_url: str, tokens: dict[str, int], weights: dict[str,
                         vocab_size=vocab, bos_id=BOS, eos_id=EOS)
     plan(run_url, make_manifest(tok, True, False, "uint16", entries), weights, seq_len, seed, token_budget)
     return len(entries)
+
+
+def write_stub_shards(run_url: str) -> int:
+    """For every shard of the run's manifest: a sparse `.bin` of `bin_bytes` and an `.idx` with the
+    right header and size (its body is zeros), so that the files pass the checks that read only
+    sizes and headers. Returns the number of shards written."""
+    import os
+
+    from pipeline.formats.manifest import load_manifest, shard_prefix
+
+    manifest = load_manifest(run_url)
+    for e in manifest.shards:
+        prefix = storage.url_to_fs(shard_prefix(run_url, e))[1]
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        with open(prefix + ".bin", "wb") as fh:
+            fh.truncate(e.bin_bytes)
+        with open(prefix + ".idx", "wb") as fh:
+            fh.write(HEADER.pack(MAGIC, VERSION, _dtype_code(e.dtype), e.docs, e.docs + 1))
+            fh.truncate(HEADER.size + 12 * e.docs + 8 * (e.docs + 1))
+    return len(manifest.shards)
 
 
 def rewrite_json(url: str, edit) -> None:

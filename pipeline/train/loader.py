@@ -15,6 +15,17 @@ there is no pause between epochs, and the resume state is one integer: samples c
 multiple of B). Rank r of W takes the contiguous slice [r B / W, (r + 1) B / W) of every global
 batch, so a batch's contents do not depend on W (nor on DataLoader workers, which take whole
 batches in turn: `as_dataloader`); a run can resume on another world size.
+
+Every batch's token ids are checked as they are read, before the model sees them (`first_bad_row`):
+an id outside the tokenizer's vocabulary (manifest.json `tokenizer.vocab_size`; torch would stop
+with an IndexError deep in the embedding) and a window of seq_len + 1 zeros both stop with
+FormatError naming the shard and the token offset. All zeros is what a zeroed, hole-punched or
+half-copied file reads as; id 0 is `<unk>` for SentencePiece tokenizers, and no real text is a
+whole window of one token, so it is refused rather than trained on. Damage that leaves some ids in
+each window is not detected here (the shards' sha256 are: `tinyprep verify`). The check is one max
+per row over a staging buffer of several batches (STAGE_BYTES, so that numpy's call overhead is paid
+once for them): about 5% of the loader's CPU time at 8 x 2049 tokens a batch
+(tests/benchmarks/bench_loader.py), microseconds against a training step.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from .permutation import FeistelPermutation, derive_keys
 from .shards import ShardSet, SourceStream
 
 INDEX_CHUNK = 4096  # samples whose indices are computed at once (amortizes numpy call overhead)
+STAGE_BYTES = 512 << 10  # rows read (and their ids checked) before batches are handed out: fits L2
 _FIELDS = ("source", "epoch", "position", "sample")
 
 
@@ -98,6 +110,39 @@ class MixtureIndex:
                 for name, c, n in zip(self.names, counts, self.per_epoch)}
 
 
+def first_bad_row(rows: np.ndarray, vocab_size: int, hi: np.ndarray | None = None) -> int:
+    """-1 when every row (a token window) holds ids in [0, vocab_size) and is not all zeros, else the
+    first row that is not. The common case is a max per row (into `hi` if given: scratch of len(rows)
+    and the rows' dtype) and one max of those maxima minus one, taken unsigned: an all-zero row's
+    wraps around to the largest value, so a single comparison catches both (numpy's call overhead,
+    not the arithmetic, is the cost at small batches)."""
+    hi = np.maximum.reduce(rows, 1, out=hi)
+    wrapped = hi.view(np.dtype(f"u{hi.dtype.itemsize}"))
+    np.subtract(wrapped, 1, out=wrapped)
+    signed = rows.dtype.kind == "i"
+    if int(np.maximum.reduce(wrapped, None)) < vocab_size - 1 and not (
+            signed and int(np.minimum.reduce(rows, None)) < 0):
+        return -1
+    top = rows.max(axis=1).tolist()
+    low = rows.min(axis=1).tolist() if signed else [0] * len(top)
+    return next(i for i, (a, b) in enumerate(zip(low, top)) if b == 0 or b >= vocab_size or a < 0)
+
+
+def window_error(stream: SourceStream, start: int, row: np.ndarray, vocab_size: int) -> FormatError:
+    """The error for a window that first_bad_row refused: the shard file and the token offset."""
+    outside = np.flatnonzero((row >= vocab_size) | (row < 0))
+    if outside.size:
+        col = int(outside[0])
+        path, offset = stream.where(start + col)
+        what = (f"token id {int(row[col])} is outside the tokenizer's vocabulary of {vocab_size:,} ids "
+                "(manifest.json tokenizer.vocab_size): the shard is damaged or comes from another tokenizer")
+    else:
+        path, offset = stream.where(start)
+        what = (f"the {row.size:,} tokens from here are all 0 (a zeroed or hole-punched file?); "
+                "tinyprep verify compares the shards with their checksums")
+    return FormatError(f"{path}: token offset {offset:,}: {what}")
+
+
 def check_world(global_batch: int, world: int, micro_batch: int) -> int:
     """Micro-batches per step of each rank; ValueError unless the global batch splits evenly."""
     if global_batch % world:
@@ -142,6 +187,7 @@ class MixtureLoader:
                 raise FormatError(f"mixture.json: source {src.name!r}: available_tokens {src.available_tokens:,} "
                                   f"!= {stream.tokens:,} in its shards")
         self.dtype = self.shards.dtype
+        self.vocab_size = manifest.tokenizer.vocab_size
 
     # -- state: one integer -----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -179,14 +225,17 @@ class MixtureLoader:
         """This rank's part of global batches start_batch, start_batch + stride, ... (< stop_batch).
 
         Index math runs about INDEX_CHUNK samples ahead, vectorized; then each row is one pread
-        into a staging buffer, and each batch one conversion to a new int64 tensor."""
+        into a staging buffer of up to STAGE_BYTES (whole batches, at least one), whose token ids
+        are checked at once (first_bad_row), and each batch is one conversion to a new int64 tensor."""
         gb = self.index.global_batch
         b = self.samples // gb if start_batch is None else start_batch
         per_chunk = max(1, INDEX_CHUNK // gb)
         mine = self.rank * self.local + np.arange(self.local)
-        stage = np.empty((self.local, self.window), dtype=self.dtype)
-        views = [memoryview(row).cast("B") for row in stage]
         row_bytes = self.window * self.dtype.itemsize
+        group = max(1, min(per_chunk, STAGE_BYTES // (self.local * row_bytes)))  # batches per staging fill
+        stage = np.empty((group * self.local, self.window), dtype=self.dtype)
+        row_max = np.empty(group * self.local, dtype=self.dtype)  # first_bad_row's scratch
+        views = [memoryview(row).cast("B") for row in stage]
         fds, open_fd, preadv = self.shards.fds, self.shards.open, os.preadv
         while stop_batch is None or b < stop_batch:
             todo = np.arange(per_chunk) * stride + b
@@ -203,9 +252,12 @@ class MixtureLoader:
                 refs = SampleRefs(*(np.concatenate([getattr(r, f) for r in parts]) for f in _FIELDS))
             shard, offset = self._locate(refs)
             shards, byte_offsets = shard.tolist(), (offset * self.dtype.itemsize).tolist()
-            r = 0
-            for i, x in enumerate(todo.tolist()):
-                for j, view in enumerate(views):
+            xs = todo.tolist()
+            for g in range(0, len(xs), group):
+                first = g * self.local  # row of refs in stage[0]
+                n = min(group, len(xs) - g) * self.local
+                r = first
+                for j, view in enumerate(views[:n]):
                     sh = shards[r]
                     if sh < 0:  # the window spans shard ends
                         self.streams[int(refs.source[r])].read(int(offset[r]), stage[j])
@@ -214,8 +266,15 @@ class MixtureLoader:
                         if preadv(open_fd(sh) if fd is None else fd, [view], byte_offsets[r]) != row_bytes:
                             self.shards.short_read(sh, byte_offsets[r])
                     r += 1
-                lo = i * self.local
-                yield Batch(x, torch.from_numpy(stage.astype(np.int64)), refs.source[lo:lo + self.local])
+                bad = first_bad_row(stage[:n], self.vocab_size, row_max[:n])
+                if bad >= 0:
+                    r = first + bad
+                    raise window_error(self.streams[int(refs.source[r])], int(refs.sample[r]) * self.seq_len,
+                                       stage[bad], self.vocab_size)
+                for k in range(n // self.local):
+                    part = stage[k * self.local:(k + 1) * self.local]
+                    lo = first + k * self.local
+                    yield Batch(xs[g + k], torch.from_numpy(part.astype(np.int64)), refs.source[lo:lo + self.local])
             b = int(todo[-1]) + stride
 
     def __iter__(self):
@@ -254,6 +313,7 @@ class HoldoutSet:
 
     def __init__(self, run_url: str, manifest: Manifest, mixture: Mixture, per_source: int):
         self.seq_len = mixture.seq_len
+        self.vocab_size = manifest.tokenizer.vocab_size
         self.names: list[str] = []
         entries, spans = [], []
         for src in mixture.sources:
@@ -276,4 +336,8 @@ class HoldoutSet:
         buf = np.empty((len(items), self.seq_len + 1), dtype=self.shards.dtype if self.shards else np.uint16)
         for row, (s, j) in enumerate(items):
             self.streams[s].read(j * self.seq_len, buf[row])
+        bad = first_bad_row(buf, self.vocab_size) if len(items) else -1
+        if bad >= 0:
+            s, j = items[bad]
+            raise window_error(self.streams[s], j * self.seq_len, buf[bad], self.vocab_size)
         return torch.from_numpy(buf.astype(np.int64))

@@ -55,9 +55,12 @@ class ShardSet:
         fd = self.fds[shard] = os.open(storage.url_to_fs(prefix + ".bin")[1], os.O_RDONLY)
         return fd
 
+    def bin_path(self, shard: int) -> str:
+        return storage.url_to_fs(shard_prefix(self.run_url, self.entries[shard]) + ".bin")[1]
+
     def short_read(self, shard: int, byte_offset: int) -> None:
-        raise FormatError(f"{shard_prefix(self.run_url, self.entries[shard])}.bin: short read at byte "
-                          f"{byte_offset:,}: truncated since it was checked?")
+        raise FormatError(f"{self.bin_path(shard)}: short read at byte {byte_offset:,}: truncated since it was "
+                          "checked?")
 
     def read(self, shard: int, offset: int, out: np.ndarray) -> None:
         """Fill `out` (a contiguous 1-D array of the shard dtype) from token `offset` of `shard`."""
@@ -110,6 +113,11 @@ class SourceStream:
         offset = starts - self.cum[idx]
         inside = starts + length <= self.cum[idx + 1]
         return idx + self.first, offset, inside
+
+    def where(self, pos: int) -> tuple[str, int]:
+        """The .bin file holding token `pos` of the stream, and the token's offset in it."""
+        shard, offset, _ = self.locate(np.array([pos], dtype=np.int64), 1)
+        return self.shards.bin_path(int(shard[0])), int(offset[0])
 
     def read(self, start: int, out: np.ndarray) -> None:
         """Fill `out` with tokens [start, start + len(out)) of the stream, across shard ends."""

@@ -1,6 +1,7 @@
 """`tinyprep train`: the training loop, composed from the modules beside it (torchtitan's layout).
 
-    prepare (parent)  load and check the plan, the world size, the checkpoint to resume from
+    prepare (parent)  load and check the plan against the recipe, the world size, the shards on disk
+                      (preflight.py), the checkpoint to resume from (the newest usable one)
     launch            one process per rank (or this one, or torchrun's)
     Trainer           model (parallelize.py) + AdamW + schedule.py + loader.py + checkpoint.py
                       + metrics.py; fit() runs steps until max_steps
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from ..formats import FormatError
 from ..formats.manifest import Manifest, Mixture, load_plan
 from ..layout import as_run
 from ..recipe import Recipe, TrainConfig
-from . import checkpoint
+from . import checkpoint, preflight
 from .distributed import (
     DistEnv,
     RankFailed,
@@ -74,6 +76,7 @@ def prepare(recipe: Recipe, nproc: int | None = None, fresh: bool = False) -> Tr
     cfg, run_url = recipe.train, recipe.output
     try:
         manifest, mixture = load_plan(run_url)
+        preflight.check_recipe(recipe, manifest, mixture)
     except FormatError as e:
         raise TrainError(str(e)) from None
     device = pick_device(cfg.device)
@@ -98,6 +101,11 @@ def prepare(recipe: Recipe, nproc: int | None = None, fresh: bool = False) -> Tr
     if max_steps < 1:
         raise TrainError(f"the plan's {mixture.total_samples:,} samples make no global batch of "
                          f"{cfg.global_batch}; set train.max_steps or a larger mix.token_budget")
+    try:
+        preflight.check_shards(run_url, preflight.shards_to_read(manifest, mixture,
+                                                                 bool(cfg.eval_every and cfg.eval_samples)))
+    except FormatError as e:
+        raise TrainError(str(e)) from None
     out_dir = as_run(run_url).train(cfg.dir)
     fs, out_path = storage.url_to_fs(out_dir)
     if not storage.is_local(fs):
@@ -112,7 +120,15 @@ def prepare(recipe: Recipe, nproc: int | None = None, fresh: bool = False) -> Tr
 
         shutil.rmtree(ckpt_root, ignore_errors=True)
         Path(out_path, "metrics.jsonl").unlink(missing_ok=True)
-    found = checkpoint.latest(ckpt_root)
+    found, damaged = checkpoint.resumable(ckpt_root)
+    if damaged and found is None:
+        (path, why), more = damaged[0], len(damaged) - 1
+        raise TrainError(f"{path}: damaged checkpoint ({why})" + (f", and {more} more" if more else "") +
+                         "; no usable checkpoint to resume from: move the damaged ones away, or start over "
+                         "with --fresh")
+    for path, why in damaged:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank prepares; one says it
+            log.warning(f"train: checkpoint {path} is damaged ({why}); resuming from {found.path} instead")
     if found is not None:
         try:
             checkpoint.check_compatible(found, mixture.fingerprint, cfg.global_batch, asdict(model))
@@ -139,8 +155,14 @@ def train(recipe: Recipe, nproc: int | None = None, fresh: bool = False) -> Trai
     except RankFailed as e:
         first = str(e).strip().splitlines()[0]
         log.debug(str(e))
-        raise TrainError(f"a training process failed: {first}") from None
+        known = _KNOWN_RANK_ERROR.match(first)  # a data or checkpoint problem: its own message says it all
+        raise TrainError(f"rank {known[1]}: {known[2]}" if known else f"a training process failed: {first}") from None
+    except (FormatError, checkpoint.CheckpointError) as e:  # raised in this process (one rank, torchrun)
+        raise TrainError(str(e)) from None
     return plan
+
+
+_KNOWN_RANK_ERROR = re.compile(r"^rank (\d+): (?:FormatError|ManifestError|CheckpointError|TrainError): (.+)$")
 
 
 def _rank_main(env: DistEnv, plan: TrainPlan) -> None:
@@ -200,8 +222,7 @@ class Trainer:
         self.step = 0
         samples = 0
         if plan.resume:
-            info = next(c for c in checkpoint.complete_checkpoints(Path(plan.resume).parent)
-                        if str(c.path) == plan.resume)
+            info = checkpoint.read_info(Path(plan.resume))
             state = checkpoint.load(info, self.model, self.optimizer, env.rank, env.device)
             self.step, samples = int(state["step"]), int(state["samples"])
         self.loader = MixtureLoader(plan.run_url, plan.manifest, plan.mixture, cfg.global_batch, env.rank,

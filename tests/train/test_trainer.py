@@ -39,15 +39,17 @@ TRAIN = {"model": "tiny", "global_batch": 8, "micro_batch": 2, "max_steps": 8, "
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _recipe_dict(run_dir: str, **train) -> dict:
+def _recipe_dict(run_dir: str, seed: int = 42, **train) -> dict:
+    """The recipe of the synthetic run: its mix settings are those the run's mixture was planned with."""
     return {"name": "train-test", "output": run_dir,
             "sources": [{"name": "web", "urls": ["unused"], "weight": 0.7},
                         {"name": "code", "urls": ["unused"], "weight": 0.3}],
+            "mix": {"seq_len": SEQ, "seed": seed, "token_budget": None},
             "train": {**TRAIN, **train}}
 
 
-def _recipe(run_dir: str, **train):
-    return parse_recipe(_recipe_dict(run_dir, **train))
+def _recipe(run_dir: str, seed: int = 42, **train):
+    return parse_recipe(_recipe_dict(run_dir, seed, **train))
 
 
 def _by_step(records: list[dict], kind: str = "train") -> dict[int, dict]:
@@ -185,8 +187,8 @@ def test_bad_inputs_are_clear_errors(run_dir, reference, tmp_path):
 
     synthetic.plan(str(other), load_manifest(str(other)), {"web": 0.7, "code": 0.3}, SEQ, seed=43)
     with pytest.raises(TrainError, match="another mixture"):
-        prepare(_recipe(str(other), dir="reference"))
-    plan = prepare(_recipe(str(other), dir="reference"), fresh=True)  # --fresh starts over
+        prepare(_recipe(str(other), seed=43, dir="reference"))
+    plan = prepare(_recipe(str(other), seed=43, dir="reference"), fresh=True)  # --fresh starts over
     assert plan.resume is None and not (other / "reference" / "checkpoints").exists()
 
     finished = train(_recipe(run_dir, dir="reference"))  # a rerun of a finished run does nothing
