@@ -29,7 +29,7 @@ from pipeline.formats.megatron import (
     MAGIC,
     VERSION,
     MegatronWriter,
-    _dtype_code,
+    dtype_code,
 )
 from pipeline.mix import plan_mixture
 from pipeline.recipe import parse_recipe
@@ -129,7 +129,7 @@ def write_stub_shards(run_url: str) -> int:
         with open(prefix + ".bin", "wb") as fh:
             fh.truncate(e.bin_bytes)
         with open(prefix + ".idx", "wb") as fh:
-            fh.write(HEADER.pack(MAGIC, VERSION, _dtype_code(e.dtype), e.docs, e.docs + 1))
+            fh.write(HEADER.pack(MAGIC, VERSION, dtype_code(e.dtype), e.docs, e.docs + 1))
             fh.truncate(HEADER.size + 12 * e.docs + 8 * (e.docs + 1))
     return len(manifest.shards)
 

@@ -59,7 +59,7 @@ def check_vocab_fits(dtype, vocab_size: int, where: str = "tokens") -> None:
                           f"(largest id {np.iinfo(dt).max}); use {dtype_for_vocab(vocab_size).name}")
 
 
-def _dtype_code(dtype) -> int:
+def dtype_code(dtype) -> int:
     dt = np.dtype(dtype)
     if dt not in CODE_OF_DTYPE:
         raise FormatError(f"dtype {dt} has no MMIDIDX code")
@@ -77,7 +77,7 @@ def index_bytes(lengths: np.ndarray, dtype) -> bytes:
     if n > 1:
         np.cumsum(lengths[:-1] * dt.itemsize, out=pointers[1:])
     return b"".join([
-        HEADER.pack(MAGIC, VERSION, _dtype_code(dt), n, n + 1),
+        HEADER.pack(MAGIC, VERSION, dtype_code(dt), n, n + 1),
         lengths.astype("<i4").tobytes(),
         pointers.astype("<i8").tobytes(),
         np.arange(n + 1, dtype="<i8").tobytes(),
@@ -206,7 +206,7 @@ def _load(url: str, dtype, offset: int = 0, count: int = -1) -> np.ndarray:
     return np.frombuffer(data, dtype=dt)
 
 
-def _read_header(fh, size: int, url: str) -> tuple[np.dtype, int, int]:
+def read_header(fh, size: int, url: str) -> tuple[np.dtype, int, int]:
     """(token dtype, sequence_count, document_count) of an open `.idx` of `size` bytes.
 
     FormatError for a short header, a bad magic, version or dtype code, a file size that
@@ -242,7 +242,7 @@ def read_index(prefix_url: str, pointers: bool = True) -> tuple[np.dtype, np.nda
     try:
         size = fs.size(path)
         with fs.open(path, "rb") as fh:
-            dtype, n, _ = _read_header(fh, size, url)
+            dtype, n, _ = read_header(fh, size, url)
             body = fh.read((12 if pointers else 4) * n)
     except FileNotFoundError:
         raise FormatError(f"{url}: missing") from None
@@ -270,7 +270,7 @@ class MegatronReader:
             raise FormatError(f"{self.bin_url}: missing")
         fs, path = storage.url_to_fs(self.idx_url)
         with fs.open(path, "rb") as fh:
-            self.dtype, n, m = _read_header(fh, idx_size, self.idx_url)
+            self.dtype, n, m = read_header(fh, idx_size, self.idx_url)
         self.num_sequences = int(n)
         self.doc_lengths = _load(self.idx_url, "<i4", HEADER.size, n)
         self.doc_pointers = _load(self.idx_url, "<i8", HEADER.size + 4 * n, n)

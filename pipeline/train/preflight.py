@@ -23,7 +23,7 @@ import numpy as np
 from .. import storage
 from ..formats import FormatError
 from ..formats.manifest import Manifest, Mixture, ShardEntry, shard_prefix
-from ..formats.megatron import _read_header
+from ..formats.megatron import read_header
 from ..layout import as_run
 from ..mix import MixError, plan_mixture
 from ..recipe import Recipe
@@ -95,7 +95,7 @@ def check_shard(run_url: str, entry: ShardEntry) -> None:
     try:
         with open(idx_path, "rb") as fh:
             # FormatError for a short header, a bad magic or dtype code, a size the counts disagree with
-            dtype, n, _ = _read_header(fh, os.fstat(fh.fileno()).st_size, idx_path)
+            dtype, n, _ = read_header(fh, os.fstat(fh.fileno()).st_size, idx_path)
     except FileNotFoundError:
         raise FormatError(f"{idx_path}: missing (manifest.json lists it; restore it or rerun the tokenize "
                           "stage)") from None
