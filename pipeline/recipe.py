@@ -254,8 +254,10 @@ class DedupConfig(_Model):
         "slimpajama", description="lowercase, strip punctuation, collapse whitespace before shingling"
     )
     permutations: int = Field(128, gt=0)
-    bands: int = Field(9, gt=0)
-    rows: int = Field(13, gt=0, description="rows per band")
+    bands: int | Literal["auto"] = Field(
+        "auto", description="LSH bands; auto: chosen with rows so that 98% of the pairs at the threshold "
+                            "are candidates (pipeline/dedup/banding.py); SlimPajama: 9")
+    rows: int | Literal["auto"] = Field("auto", description="rows per band (auto: see bands); SlimPajama: 13")
     threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of a duplicate")
     verify: bool = Field(True, description="check candidate pairs with the exact shingle Jaccard")
     partitions: int = Field(16, gt=0, description="hash-range partitions per band (the shuffle's width)")
@@ -264,6 +266,16 @@ class DedupConfig(_Model):
 
     @model_validator(mode="after")
     def _bands_fit(self) -> "DedupConfig":
+        if self.bands == "auto" or self.rows == "auto":
+            from .dedup.banding import auto_banding
+
+            bands, rows = auto_banding(self.threshold, self.permutations,
+                                       None if self.bands == "auto" else self.bands,
+                                       None if self.rows == "auto" else self.rows)
+            object.__setattr__(self, "bands", bands)  # resolved once: the run records the numbers
+            object.__setattr__(self, "rows", rows)
+        if self.bands < 1 or self.rows < 1:
+            raise ValueError("bands and rows must be >= 1")
         if self.bands * self.rows > self.permutations:
             raise ValueError(f"bands x rows ({self.bands} x {self.rows}) must be <= permutations ({self.permutations})")
         return self
@@ -365,7 +377,7 @@ class Recipe(_Model):
     ray: RayConfig = RayConfig()
     download: DownloadConfig = DownloadConfig()
     ingest: IngestConfig = IngestConfig()
-    dedup: DedupConfig = DedupConfig()
+    dedup: DedupConfig = Field(default_factory=DedupConfig)  # built on use: auto banding imports dedup
     tokenizer: TokenizerRef | None = None
     tokenize: TokenizeConfig = TokenizeConfig()
     mix: MixConfig = MixConfig()

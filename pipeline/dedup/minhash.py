@@ -361,8 +361,3 @@ def jaccard_sets(a: np.ndarray, b: np.ndarray) -> float:
         return 1.0
     inter = len(np.intersect1d(a, b, assume_unique=True))
     return inter / (len(a) + len(b) - inter)
-
-
-def collision_probability(j: float, bands: int, rows: int) -> float:
-    """Probability that two documents of Jaccard j share at least one band: 1 - (1 - j^r)^b."""
-    return 1.0 - (1.0 - j**rows) ** bands

@@ -11,7 +11,7 @@ process and on the same ingested parquet files:
 * tinyprep: every phase of the dedup stage (signatures, buckets, gather, verify, the connected
   component rounds, removal lists), task after task as Ray would run them, without Ray itself;
   the recipe's SlimPajama normalization and 13-character shingles, 128 permutations,
-  `--bands` x `--rows` (default 21 x 6), threshold 0.8, exact-Jaccard verification;
+  `--bands` x `--rows` (default auto: 17 x 7, the recipe default), threshold 0.8, exact-Jaccard verification;
 * datatrove 0.10: its four MinHash stages (signature, buckets, cluster, filter) with its default
   configuration (5-word shingles, 14 buckets x 8 hashes), one task per stage (buckets: one per
   bucket) on a LocalPipelineExecutor with one worker;
@@ -125,7 +125,7 @@ def generate_corpus(out_dir: str, mb: float = 40, files: int = 8, pairs: int = 3
             "copies": [(where[a], where[b]) for a, b in copied]}
 
 
-def make_recipe(corpus: str, run_dir: str, bands: int, rows: int):
+def make_recipe(corpus: str, run_dir: str, bands: int | str, rows: int | str):
     from pipeline.recipe import parse_recipe
 
     return parse_recipe({
@@ -289,7 +289,7 @@ def quality(removed: set[int], truth: dict, id_of) -> dict:
             "spurious_removals": len(removed - expected), "removed": len(removed)}
 
 
-def run_benchmark(mb: float = 40, files: int = 8, pairs: int = 300, bands: int = 21, rows: int = 6,
+def run_benchmark(mb: float = 40, files: int = 8, pairs: int = 300, bands: int | str = "auto", rows: int | str = "auto",
                   rensa_bands: int = 32, skip_datatrove: bool = False) -> dict:
     results: dict = {"python": sys.version.split()[0]}
     with tempfile.TemporaryDirectory(prefix="bench_dedup_") as tmp:
@@ -308,7 +308,8 @@ def run_benchmark(mb: float = 40, files: int = 8, pairs: int = 300, bands: int =
         results["corpus"] = {"docs": ndocs, "text_mb": round(text_mb, 2), "planted_pairs": len(truth["pairs"]),
                              "copies": len(truth["copies"]), "generated_s": round(time.perf_counter() - t0, 1)}
 
-        sides = {f"tinyprep ({bands}x{rows}, verified)": lambda: tinyprep_side(recipe, run_dir)}
+        sides = {f"tinyprep ({recipe.dedup.bands}x{recipe.dedup.rows}, verified)":
+                 lambda: tinyprep_side(recipe, run_dir)}
         if not skip_datatrove:
             try:
                 import datatrove.pipeline.dedup.minhash  # noqa: F401  (needs `tokenizers`)
@@ -343,8 +344,8 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=40)
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--pairs", type=int, default=300)
-    ap.add_argument("--bands", type=int, default=21)
-    ap.add_argument("--rows", type=int, default=6)
+    ap.add_argument("--bands", default="auto", help="LSH bands (default: auto, as the recipe's default)")
+    ap.add_argument("--rows", default="auto", help="rows per band (default: auto)")
     ap.add_argument("--rensa-bands", type=int, default=32)
     ap.add_argument("--skip-datatrove", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -358,7 +359,8 @@ def main() -> None:
         logger.remove()
     except ImportError:
         pass
-    res = run_benchmark(a.mb, a.files, a.pairs, a.bands, a.rows, a.rensa_bands, a.skip_datatrove)
+    as_int = lambda v: v if v == "auto" else int(v)  # noqa: E731
+    res = run_benchmark(a.mb, a.files, a.pairs, as_int(a.bands), as_int(a.rows), a.rensa_bands, a.skip_datatrove)
     if a.json:
         print(json.dumps(res, indent=2))
         return

@@ -11,12 +11,12 @@ import pytest
 
 from pipeline import sample
 from pipeline.dedup import components as cc
+from pipeline.dedup.banding import collision_probability
 from pipeline.dedup.exact import bucket_stars
 from pipeline.dedup.minhash import (
     MinHashParams,
     Shingler,
     Signer,
-    collision_probability,
     estimate_jaccard,
     jaccard_sets,
     normalize_fast,
