@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,8 @@ def s3(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    # moto keeps its buckets per process, not per server: start every test from an empty store
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST")).close()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
     for k, v in env.items():
@@ -154,6 +157,22 @@ def test_killing_a_worker_node_mid_stage_changes_nothing(reference, workdir, tmp
     assert "connected to Ray cluster" in err
     assert "retrying" in err  # the tasks that were on the dead node ran again
     assert outputs(run) == reference[2]
+
+
+def test_ray_client_address_runs_the_recipe_from_outside_the_cluster(reference, workdir, tmp_path, cluster):
+    """RAY_ADDRESS=ray://head:10001 (Ray Client, ray[client]): the driver on a machine that is no
+    node of the cluster. The head has no CPU (as in infra/): every task runs on the worker node.
+    Download and ingest are enough to compare outputs."""
+    cluster.start_head(num_cpus=0)
+    cluster.add_node(num_cpus=1)
+    run = tmp_path / "client"
+    r = tinyprep("run", RECIPE, "--output", str(run), "--stages", "download,ingest", cwd=workdir,
+                 env={**cluster.user_env, "RAY_ADDRESS": cluster.client_address})
+    assert r.returncode == 0, r.stderr
+    assert f"connected to Ray cluster at {cluster.client_address}" in r.stderr
+    assert len(_node_ids(run, "ingest") | _node_ids(run, "download")) == 1  # the worker node
+    want = {k: v for k, v in reference[2].items() if k.startswith(("raw/", "docs/", "stats/download", "stats/ingest"))}
+    assert {k: v for k, v in outputs(run).items() if k in want or k.startswith(("raw/", "docs/"))} == want
 
 
 def _log_lines(run: Path) -> list[str]:
