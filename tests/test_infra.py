@@ -1,5 +1,5 @@
 """The cluster files in infra/ checked against the schemas of the tools that read them, and every
-tinyprep command they run against the real CLI.
+tinyprep command they (and README's "Running on a cluster") run against the real CLI.
 
 - infra/ray-cluster.yaml: Ray's own cluster-config validation (`ray/autoscaler/ray-schema.json`,
   after Ray fills in the AWS defaults, as `ray up` does), and what `ray up` does not do for us
@@ -57,9 +57,12 @@ def _rayjob() -> dict:
     return yaml.safe_load((INFRA / "kuberay-rayjob.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["ray-cluster.yaml", "kuberay-rayjob.yaml", "slurm/tinyprep.sbatch"])
+@pytest.mark.parametrize("name", ["ray-cluster.yaml", "kuberay-rayjob.yaml", "slurm/tinyprep.sbatch", "README"])
 def test_infra_files_run_real_commands(name):
-    text = (INFRA / name).read_text()
+    if name == "README":  # its "Running on a cluster" section
+        text = (ROOT / "README.md").read_text().split("### Running on a cluster", 1)[1].split("\n### ", 1)[0]
+    else:
+        text = (INFRA / name).read_text()
     commands = _tinyprep_commands(text)
     if name == "kuberay-rayjob.yaml":  # the entrypoint is a folded YAML string
         commands.append(shlex.split(_rayjob()["spec"]["entrypoint"])[1:])
