@@ -156,13 +156,11 @@ class LocalRayCluster:
                     raise
                 time.sleep(0.5)
 
-    def submit(self, *entrypoint: str, working_dir: Path, runtime_env: dict, timeout: float,
-               submission_id: str | None = None) -> subprocess.CompletedProcess:
+    def submit(self, *entrypoint: str, working_dir: Path, runtime_env: dict,
+               timeout: float) -> subprocess.CompletedProcess:
         """`ray job submit` against the head's job server, waiting for the end (the job's output)."""
         cmd = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir),
                "--runtime-env-json", json.dumps(runtime_env), "--log-style", "record"]
-        if submission_id:
-            cmd += ["--submission-id", submission_id]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
         return subprocess.run([*cmd, "--", *entrypoint], env={**env, **self.user_env}, capture_output=True,
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL)
