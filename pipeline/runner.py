@@ -13,6 +13,12 @@ For each stage (`pipeline/stage.py` holds the contract) and each of its phases, 
 - fails the stage (after finishing every other task) when a task failed for good or when the
   stage's bad-input count exceeds what the stage allows.
 
+Before the first stage, `run_recipe` runs the preflight (`pipeline/preflight.py`) and copies the
+recipe's tokenizer model into the run (RUN/assets/), so that workers on any node read what the
+driver read. What a task logs (the "tinyprep" logger, INFO and above, wherever the task runs)
+goes to RUN/logs/tasks/<stage>/<task>.log through storage; its completion record names the file
+and the run log says which tasks logged warnings and where.
+
 Fault injection for tests: `TINYPREP_FAULTS` (see `pipeline/faults.py`).
 """
 
@@ -23,6 +29,7 @@ import os
 import socket
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -30,7 +37,8 @@ import orjson
 
 from . import storage
 from .faults import inject, parse_faults
-from .layout import RunDir
+from .layout import RunDir, RunDirError
+from .preflight import PreflightError, check_configuration, check_storage
 from .progress import StageProgress, fmt_duration
 from .recipe import Recipe
 from .retry import backoff_delay
@@ -40,11 +48,67 @@ from .stats import merge_all
 log = logging.getLogger("tinyprep")
 
 
+class _TaskLog(logging.Handler):
+    """Collects what one task logs to the "tinyprep" logger (INFO and above), capped."""
+
+    MAX_LINES = 10_000
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.lines: list[str] = []
+        self.warnings: list[str] = []
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.levelno >= logging.WARNING:
+                self.warnings.append(record.getMessage().splitlines()[0] if record.getMessage() else "")
+            if len(self.lines) < self.MAX_LINES:
+                self.lines.append(self.format(record))
+            else:
+                self.dropped += 1
+        except Exception:  # noqa: BLE001 - logging must never fail the task
+            self.handleError(record)
+
+    def __enter__(self) -> "_TaskLog":
+        logger = logging.getLogger("tinyprep")
+        self._level = logger.level
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            # a Ray worker never configured the logger: its effective level is the root's WARNING
+            logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logger = logging.getLogger("tinyprep")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+
+    def text(self, header: str) -> bytes:
+        tail = [f"... {self.dropped} more line(s) not kept"] if self.dropped else []
+        return ("\n".join([header, *self.lines, *tail]) + "\n").encode()
+
+
 def execute_task(stage: Stage, task: Task, recipe: Recipe, run: RunDir, attempt: int, node_id: str = "") -> dict:
-    """Run one task and write its completion record. Plain function: executors call it."""
+    """Run one task and write its completion record. Plain function: executors call it.
+
+    What the task logs goes to RUN/logs/tasks/<stage>/<task>.log (also when it raises), through
+    storage, so a task on a remote node leaves its log where the run is."""
     inject(task.stage, task.id, attempt, late=False)
     t0 = time.time()
-    result = stage.run_task(task, recipe, run)
+    header = f"# {task.stage} task {task.id}, attempt {attempt + 1}, {socket.gethostname()} pid {os.getpid()}"
+    with _TaskLog() as tlog:
+        try:
+            result = stage.run_task(task, recipe, run)
+        except Exception as err:
+            if tlog.lines:  # what led to the failure is worth keeping; a silent task leaves no file
+                tlog.lines.append(f"task failed: {type(err).__name__}: {err}")
+                try:
+                    _write_task_log(run, task, tlog, header)
+                except Exception:  # noqa: BLE001 - the task's own error is the one to report
+                    pass
+            raise
     if not isinstance(result, TaskResult):
         raise TypeError(f"{task.stage}.run_task returned {type(result).__name__}, not TaskResult")
     inject(task.stage, task.id, attempt, late=True)
@@ -60,10 +124,20 @@ def execute_task(stage: Stage, task: Task, recipe: Recipe, run: RunDir, attempt:
         "node_id": node_id,
         "pid": os.getpid(),
     }
+    if tlog.lines:
+        record["log"] = run.to_relative(_write_task_log(run, task, tlog, header))
+        record["log_warnings"] = tlog.warnings[:3]
+        record["log_warning_count"] = len(tlog.warnings)
     # on disk, outputs are relative to the run: a moved or copied run directory still finds them
     storage.write_json(run.record(task.stage, task.id),
                        dict(record, outputs=[run.to_relative(o) for o in result.outputs]))
     return record
+
+
+def _write_task_log(run: RunDir, task: Task, tlog: _TaskLog, header: str) -> str:
+    url = run.task_log(task.stage, task.id)
+    storage.write_bytes(url, tlog.text(header))
+    return url
 
 
 @dataclass
@@ -85,31 +159,46 @@ class StageReport:
         return not self.failed and (self.allowed_errors is None or self.errors <= self.allowed_errors)
 
 
+RECORD_READERS_REMOTE = 64  # concurrent GETs of completion records on an object store
+RECORD_READERS_LOCAL = 8  # a shared filesystem's metadata round trips overlap too
+
+
 def _existing_records(run: RunDir, stage: str, tasks: list[Task]) -> dict[str, dict]:
-    """Completion records that match their task's fingerprint and whose outputs still exist."""
+    """Completion records that match their task's fingerprint and whose outputs still exist.
+
+    One listing of RUN/tasks/<stage>/, then the records present are read concurrently: a resume
+    on an object store reads tens of thousands of records, one GET each, and their latency, not
+    their size, is the cost."""
     fs, root = storage.url_to_fs(run.tasks(stage))
     try:
         present = set(fs.find(root))
     except FileNotFoundError:
         present = set()
+    if not present:
+        return {}
     local = storage.is_local(fs)
-    done: dict[str, dict] = {}
-    for t in tasks:
-        url = run.record(stage, t.id)
-        _, path = storage.url_to_fs(url)
-        if path not in present:
-            continue
+    wanted = [(t, path) for t in tasks if (path := storage.url_to_fs(run.record(stage, t.id))[1]) in present]
+
+    def load(item: tuple[Task, str]) -> dict | None:
+        t, path = item
         try:
-            rec = storage.read_json(url)
+            rec = orjson.loads(fs.cat_file(path))
         except (orjson.JSONDecodeError, OSError):
-            continue  # a torn record (cannot happen with atomic commits, but be safe): redo the task
+            return None  # a torn or vanished record (atomic commits make it unlikely): redo the task
         if not rec or rec.get("fingerprint") != t.fingerprint:
-            continue
+            return None
         rec["outputs"] = [run.relative(o) for o in rec.get("outputs", [])]
         if local and not all(os.path.exists(storage.url_to_fs(o)[1]) for o in rec["outputs"]):
-            continue
-        done[t.id] = rec
-    return done
+            return None
+        return rec
+
+    workers = min(RECORD_READERS_LOCAL if local else RECORD_READERS_REMOTE, len(wanted))
+    if workers <= 1:
+        loaded = map(load, wanted)
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="tinyprep-records") as pool:
+            loaded = list(pool.map(load, wanted))
+    return {t.id: rec for (t, _), rec in zip(wanted, loaded) if rec is not None}
 
 
 def _cause(err: BaseException) -> str:
@@ -168,6 +257,9 @@ def run_stage(executor, stage: Stage | str, recipe: Recipe, run: RunDir | str | 
     issues = [i for r in ordered for i in r.get("issues", [])]
     storage.write_bytes(run.stage_issues(stage.name),
                         b"".join(orjson.dumps(i, option=orjson.OPT_SORT_KEYS) + b"\n" for i in issues))
+    logged = sum(1 for r in ordered if r.get("log"))
+    if logged:
+        log.info("%s: %d task(s) logged messages, in %s", stage.name, logged, run.task_logs(stage.name))
     if report.ok:  # the stats and issues are written first: a failing finish still leaves them
         stage.finish(recipe, run, ordered)
     report.seconds = time.monotonic() - t0
@@ -208,7 +300,19 @@ def _run_tasks(executor, stage: Stage, label: str, todo: list[Task], recipe: Rec
                     progress.task_failed()
                 continue
             records[task.id] = outcome
+            _relay_task_warnings(label, task, outcome)
             progress.task_done(outcome["docs"], outcome["bytes"], task.size)
+
+
+def _relay_task_warnings(label: str, task: Task, record: dict) -> None:
+    """Say in the run log that a task logged warnings, where its log is and what the first was
+    (a task in this process has already logged it here: only where, then)."""
+    n = record.get("log_warning_count", 0)
+    if not n:
+        return
+    here = record.get("pid") == os.getpid() and record.get("node") == socket.gethostname()
+    first = "" if here else f": {record['log_warnings'][0]}" + (" ..." if n > 1 else "")
+    log.warning("%s task %s logged %d warning(s), its log: %s%s", label, task.id, n, record["log"], first)
 
 
 def _append_timeline(run: RunDir, report: StageReport, records: list[dict]) -> None:
@@ -303,18 +407,32 @@ def run_recipe(recipe: Recipe, stages: list[str] | None = None, workers: int | N
                executor=None) -> list[StageReport]:
     """Run the recipe's stages (or the given subset, in flow order); raise StageFailed on failure.
 
-    The executor defaults to Ray (embedded, or the cluster of `RAY_ADDRESS` / `ray.address`).
+    First the preflight (`pipeline/preflight.py`; PreflightError, before any stage): the
+    tokenizer and the stores' backends and credentials before the run directory is created, then
+    the output's writability and the sources' listings. Then the recipe's tokenizer model is
+    copied into RUN/assets/ for the tasks. The executor defaults to Ray (embedded, or the
+    cluster of `RAY_ADDRESS` / `ray.address`).
     """
     order = stage_order(stages or recipe.stages)
     parse_faults()  # a malformed rule is refused before anything runs
+    check_configuration(recipe, order)
     run = RunDir(recipe.output)
-    run.claim()
+    try:
+        run.claim()
+    except RunDirError as e:
+        raise PreflightError(str(e), 2) from None
     storage.write_bytes(run.recipe, recipe.to_yaml().encode())
     _remove_stale_temporaries(run)
     runlog = _RunLog(run)
     reports: list[StageReport] = []
     try:
         log.info("run %s: stages %s, output %s", recipe.name, ",".join(order), run.url)
+        check_storage(recipe, run, order)
+        from .tokenize.tokenizer import copy_tokenizer_asset
+
+        asset = copy_tokenizer_asset(recipe, run, order)
+        if asset:
+            log.info("tokenizer.model %s copied to %s for the workers", recipe.tokenizer.model, asset)
         owned = executor is None
         if owned:
             from .executors import RayExecutor
