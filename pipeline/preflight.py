@@ -1,6 +1,6 @@
 """The preflight of a run: what would fail hours in, found in seconds before any stage runs.
 
-Two steps, both called by `runner.run_recipe` (so `tinyprep run` and the Python API get them):
+Three steps, all called by `runner.run_recipe` (so `tinyprep run` and the Python API get them):
 
 - `check_configuration`, before the run directory is created (offline, nothing written):
   the tokenizer (`preflight_tokenizer`: a readable SentencePiece model with the BOS/EOS the recipe
@@ -12,10 +12,11 @@ Two steps, both called by `runner.run_recipe` (so `tinyprep run` and the Python 
   `gs://` with `GOOGLE_APPLICATION_CREDENTIALS` naming a missing file or no default credentials.
   Unknowable offline and left to the next step: whether a token grants a gated `hf://` dataset,
   whether a key may read a bucket.
-- `check_storage`, once the run directory is claimed: the output is writable (a probe file is
-  written and removed), every source the stages read lists (the listing is cached in
-  RUN/inputs/, so the first stage reuses it) and its first input opens and yields a byte (a
-  gated dataset without `HF_TOKEN`, a bucket the key cannot read, a dead URL in a url list).
+- `check_writable`: the run directory is claimed (`RunDir.claim`) and a probe file is written
+  and removed, before anything else is written there.
+- `check_sources`: every source the stages read lists (the listing is cached in RUN/inputs/, so
+  the first stage reuses it) and its first input opens and yields a byte (a gated dataset
+  without `HF_TOKEN`, a bucket the key cannot read, a dead URL in a url list).
 
 Every failure is a `PreflightError`: one line and the exit code the CLI uses (2 for a recipe or
 environment to fix before anything can run, 1 for storage that failed when touched).
@@ -65,7 +66,8 @@ def _s3_credentials(cluster: bool = False) -> str | None:
     their own (environment variables are forwarded to them, files are not)."""
     import fsspec.config
 
-    if str(fsspec.config.conf.get("s3", {}).get("anon", "")).lower() in ("1", "true", "yes"):
+    anon = os.environ.get("FSSPEC_S3_ANON", fsspec.config.conf.get("s3", {}).get("anon", ""))
+    if str(anon).lower() in ("1", "true", "yes"):
         return None
     import botocore.session
 
@@ -147,7 +149,15 @@ def check_configuration(recipe: Recipe, stages: list[str]) -> None:
             checked.add(proto)
 
 
-def _check_writable(run: RunDir) -> None:
+def check_writable(run: RunDir) -> None:
+    """Claim the run directory and prove it writable (write and remove a probe): PreflightError
+    (code 2 for a directory that is not a run's, 1 for storage that refuses the write)."""
+    try:
+        run.claim()
+    except RunDirError as e:
+        raise PreflightError(str(e), 2) from None
+    except OSError as e:
+        raise PreflightError(f"output: {run.url}: not writable ({_one_line(e)})", 1) from None
     probe = run.probe()
     try:
         storage.write_bytes(probe, b"tinyprep preflight\n")
@@ -186,13 +196,12 @@ def _check_source(src, run: RunDir, stages: list[str]) -> int:
     return len(files)
 
 
-def check_storage(recipe: Recipe, run: RunDir, stages: list[str]) -> None:
-    """The checks that touch storage (module docstring), in a claimed run directory."""
+def check_sources(recipe: Recipe, run: RunDir, stages: list[str]) -> None:
+    """Every source the stages read lists and its first input opens (module docstring)."""
     t0 = time.monotonic()
-    _check_writable(run)
     listed = 0
     if set(stages) & set(READ_STAGES):
         for src in recipe.sources:
             listed += _check_source(src, run, stages)
-    log.info("preflight: output writable, %d input file(s) of %d source(s) listed (%.1fs)", listed,
+    log.info("preflight: %d input file(s) of %d source(s) listed (%.1fs)", listed,
              len(recipe.sources) if set(stages) & set(READ_STAGES) else 0, time.monotonic() - t0)

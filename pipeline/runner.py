@@ -37,8 +37,8 @@ import orjson
 
 from . import storage
 from .faults import inject, parse_faults
-from .layout import RunDir, RunDirError
-from .preflight import PreflightError, check_configuration, check_storage
+from .layout import RunDir
+from .preflight import check_configuration, check_sources, check_writable
 from .progress import StageProgress, fmt_duration
 from .recipe import Recipe
 from .retry import backoff_delay
@@ -409,7 +409,7 @@ def run_recipe(recipe: Recipe, stages: list[str] | None = None, workers: int | N
 
     First the preflight (`pipeline/preflight.py`; PreflightError, before any stage): the
     tokenizer and the stores' backends and credentials before the run directory is created, then
-    the output's writability and the sources' listings. Then the recipe's tokenizer model is
+    the run directory is claimed and proven writable, then the sources are listed. Then the recipe's tokenizer model is
     copied into RUN/assets/ for the tasks. The executor defaults to Ray (embedded, or the
     cluster of `RAY_ADDRESS` / `ray.address`).
     """
@@ -417,17 +417,14 @@ def run_recipe(recipe: Recipe, stages: list[str] | None = None, workers: int | N
     parse_faults()  # a malformed rule is refused before anything runs
     check_configuration(recipe, order)
     run = RunDir(recipe.output)
-    try:
-        run.claim()
-    except RunDirError as e:
-        raise PreflightError(str(e), 2) from None
+    check_writable(run)
     storage.write_bytes(run.recipe, recipe.to_yaml().encode())
     _remove_stale_temporaries(run)
     runlog = _RunLog(run)
     reports: list[StageReport] = []
     try:
         log.info("run %s: stages %s, output %s", recipe.name, ",".join(order), run.url)
-        check_storage(recipe, run, order)
+        check_sources(recipe, run, order)
         from .tokenize.tokenizer import copy_tokenizer_asset
 
         asset = copy_tokenizer_asset(recipe, run, order)
