@@ -14,6 +14,7 @@ under a run; stages, tools and the trainer ask a `RunDir` for them:
     RUN/shards/<source>/<split>/*.bin|*.idx
     RUN/manifest.json, RUN/mixture.json
     RUN/tasks/<stage>/<task>.json    completion records
+    RUN/tasks/<stage>.index.json.zst every record of a finished stage in one file (read on resume)
     RUN/stats/<stage>.json, <stage>.issues.jsonl, timeline.json
     RUN/logs/<time>-<pid>-run.log
     RUN/logs/tasks/<stage>/<task>.log  what a task logged, written by the task (wherever it ran)
@@ -201,6 +202,10 @@ class RunDir:
 
     def record(self, stage: str, task_id: str) -> str:
         return self._join("tasks", stage, task_id + ".json")
+
+    def record_index(self, stage: str) -> str:
+        """The stage's completion records in one file, beside (not inside) RUN/tasks/<stage>/."""
+        return self._join("tasks", f"{stage}.index.json.zst")
 
     def stage_stats(self, stage: str) -> str:
         return self._join("stats", f"{stage}.json")

@@ -161,44 +161,99 @@ class StageReport:
 
 RECORD_READERS_REMOTE = 64  # concurrent GETs of completion records on an object store
 RECORD_READERS_LOCAL = 8  # a shared filesystem's metadata round trips overlap too
+_INDEX_FORMAT = "tinyprep-record-index"
 
 
-def _existing_records(run: RunDir, stage: str, tasks: list[Task]) -> dict[str, dict]:
-    """Completion records that match their task's fingerprint and whose outputs still exist.
+def _record_stamp(info: dict) -> str:
+    """What identifies one version of a record file in a listing: the object store's ETag (a
+    content hash for these small single-part objects), else size and modification time."""
+    etag = info.get("ETag") or info.get("etag")
+    return "etag:" + str(etag).strip('"') if etag else storage.file_stamp(info)
 
-    One listing of RUN/tasks/<stage>/, then the records present are read concurrently: a resume
-    on an object store reads tens of thousands of records, one GET each, and their latency, not
-    their size, is the cost."""
+
+def _list_records(run: RunDir, stage: str) -> dict[str, dict]:
+    """path -> fsspec info of every file under RUN/tasks/<stage>/ (one listing)."""
     fs, root = storage.url_to_fs(run.tasks(stage))
     try:
-        present = set(fs.find(root))
+        return fs.find(root, detail=True)
     except FileNotFoundError:
-        present = set()
-    if not present:
         return {}
+
+
+def _read_record_index(run: RunDir, stage: str) -> dict[str, list]:
+    """The stage's record index (task id -> [stamp, record as on disk]), {} when absent or unusable."""
+    import zstandard
+
+    try:
+        doc = orjson.loads(zstandard.ZstdDecompressor().decompress(storage.read_bytes(run.record_index(stage))))
+    except FileNotFoundError:
+        return {}
+    except (zstandard.ZstdError, orjson.JSONDecodeError, OSError) as e:
+        log.debug("%s: unreadable (%s); reading the records one by one", run.record_index(stage), e)
+        return {}
+    if not isinstance(doc, dict) or doc.get("format") != _INDEX_FORMAT or doc.get("version") != 1:
+        return {}
+    return doc.get("records") or {}
+
+
+def _write_record_index(run: RunDir, stage: str, records: dict[str, dict]) -> None:
+    """Every record of the stage in one file with the stamp of its file as listed now, so that a
+    resume reads one object instead of one per task; a record whose file has changed since (a
+    rerun task, a hand edit) no longer matches its stamp and is read from its file."""
+    import zstandard
+
+    listed = _list_records(run, stage)
+    entries = {}
+    for tid, rec in records.items():
+        info = listed.get(storage.url_to_fs(run.record(stage, tid))[1])
+        if info is not None:
+            entries[tid] = [_record_stamp(info), dict(rec, outputs=[run.to_relative(o) for o in rec.get("outputs", [])])]
+    doc = {"format": _INDEX_FORMAT, "version": 1, "stage": stage, "records": entries}
+    storage.write_bytes(run.record_index(stage), zstandard.ZstdCompressor(level=3).compress(orjson.dumps(doc)))
+
+
+def _existing_records(run: RunDir, stage: str, tasks: list[Task]) -> tuple[dict[str, dict], int]:
+    """Completion records that match their task's fingerprint and whose outputs still exist, and
+    how many were read from their own file rather than the stage's index.
+
+    One listing of RUN/tasks/<stage>/ (which records exist, and their stamps), then each record
+    from the stage's index (RUN/tasks/<stage>.index.json.zst, one object for the whole stage)
+    when its stamp matches, else from its file, read concurrently: a resume on an object store
+    would otherwise make one GET per task, tens of thousands per stage, each paying the store's
+    latency."""
+    present = _list_records(run, stage)
+    if not present:
+        return {}, 0
+    fs, _ = storage.url_to_fs(run.tasks(stage))
     local = storage.is_local(fs)
     wanted = [(t, path) for t in tasks if (path := storage.url_to_fs(run.record(stage, t.id))[1]) in present]
+    index = _read_record_index(run, stage) if wanted else {}
+    indexed = {t.id: index[t.id][1] for t, path in wanted
+               if t.id in index and index[t.id][0] == _record_stamp(present[path])}
 
     def load(item: tuple[Task, str]) -> dict | None:
         t, path = item
-        try:
-            rec = orjson.loads(fs.cat_file(path))
-        except (orjson.JSONDecodeError, OSError):
-            return None  # a torn or vanished record (atomic commits make it unlikely): redo the task
-        if not rec or rec.get("fingerprint") != t.fingerprint:
+        rec = indexed.get(t.id)
+        if rec is None:
+            try:
+                rec = orjson.loads(fs.cat_file(path))
+            except (orjson.JSONDecodeError, OSError):
+                return None  # a torn or vanished record (atomic commits make it unlikely): redo the task
+        if not isinstance(rec, dict) or rec.get("fingerprint") != t.fingerprint:
             return None
-        rec["outputs"] = [run.relative(o) for o in rec.get("outputs", [])]
+        rec = dict(rec, outputs=[run.relative(o) for o in rec.get("outputs", [])])
         if local and not all(os.path.exists(storage.url_to_fs(o)[1]) for o in rec["outputs"]):
             return None
         return rec
 
-    workers = min(RECORD_READERS_LOCAL if local else RECORD_READERS_REMOTE, len(wanted))
+    misses = len(wanted) - len(indexed)
+    workers = min(RECORD_READERS_LOCAL if local else RECORD_READERS_REMOTE, misses)
     if workers <= 1:
-        loaded = map(load, wanted)
+        loaded = list(map(load, wanted))
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="tinyprep-records") as pool:
             loaded = list(pool.map(load, wanted))
-    return {t.id: rec for (t, _), rec in zip(wanted, loaded) if rec is not None}
+    return {t.id: rec for (t, _), rec in zip(wanted, loaded) if rec is not None}, misses
 
 
 def _cause(err: BaseException) -> str:
@@ -223,6 +278,7 @@ def run_stage(executor, stage: Stage | str, recipe: Recipe, run: RunDir | str | 
     failed: list[tuple[str, str]] = []
     n_tasks = n_skipped = 0
     phases: list[str | None] = []
+    index_stale = False  # a record was read from its own file, or a task ran: rewrite the index
     for phase in stage.phases(recipe, run):
         phases.append(phase)
         label = stage.name if phase is None else f"{stage.name}:{phase}"
@@ -230,7 +286,7 @@ def run_stage(executor, stage: Stage | str, recipe: Recipe, run: RunDir | str | 
         ids = [t.id for t in tasks]
         if len(set(ids)) != len(ids) or set(ids) & set(records):
             raise RuntimeError(f"{label}: plan produced duplicate task ids")
-        done = _existing_records(run, stage.name, tasks)
+        done, misses = _existing_records(run, stage.name, tasks)
         todo = [t for t in tasks if t.id not in done]
         log.info("%s: %d tasks, %d already done, %d to run", label, len(tasks), len(done), len(todo))
         records.update(done)
@@ -238,12 +294,15 @@ def run_stage(executor, stage: Stage | str, recipe: Recipe, run: RunDir | str | 
         n_skipped += len(done)
         progress = StageProgress(label, len(tasks), sum(t.size for t in tasks), len(done), recipe.ray.log_every_s)
         try:
+            index_stale = index_stale or bool(misses or todo)
             if todo:
                 _run_tasks(executor, stage, label, todo, recipe, run, cpus_per_task, records, failed, progress)
         finally:
             progress.close()
         if failed:
             break
+    if index_stale and records:
+        _write_record_index(run, stage.name, records)
     ordered = [records[i] for i in sorted(records)]
     stats = merge_all(r["stats"] for r in ordered)
     errors = sum(r["errors"] for r in ordered)

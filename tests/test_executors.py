@@ -281,3 +281,27 @@ def test_a_warning_logged_in_a_ray_task_reaches_the_run(recipe, caplog):
     # the driver's log names the file and, the task being elsewhere, repeats its first warning
     assert ("ingest task web/0.jsonl logged 1 warning(s), its log: logs/tasks/ingest/web/0.jsonl.log: "
             "web/0.jsonl: 3 lines had no text") in caplog.text
+
+
+def test_a_resume_reads_a_finished_stage_from_its_record_index(recipe, monkeypatch):
+    """One object per stage instead of one GET per task; a record changed or deleted since the
+    index was written is noticed (the listing a resume makes anyway gives each file's stamp)."""
+    import os
+
+    import pipeline.runner as runner
+
+    run = RunDir(recipe.output)
+    run_stage(LocalExecutor(), Counting(), recipe)
+    index = run.record_index("ingest")
+    assert storage.exists(index) and not index.startswith(run.tasks("ingest") + "/")
+    before = open(index, "rb").read()
+    # nothing changed: every record comes from the index, none from its file, the index stays
+    assert runner._existing_records(run, "ingest", Counting().plan(recipe, run, "first"))[1] == 0
+    again = Counting()
+    assert run_stage(LocalExecutor(), again, recipe).skipped == 4 and again.calls == []
+    assert open(index, "rb").read() == before
+    os.unlink(run.record("ingest", "first/2"))  # a deleted record: its task runs again
+    again = Counting()
+    report = run_stage(LocalExecutor(), again, recipe)
+    assert again.calls == ["first/2"] and report.skipped == 3 and report.ok
+    assert runner._existing_records(run, "ingest", Counting().plan(recipe, run, "first"))[1] == 0  # rewritten
