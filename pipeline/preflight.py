@@ -2,16 +2,15 @@
 
 Three steps, all called by `runner.run_recipe` (so `tinyprep run` and the Python API get them):
 
-- `check_configuration`, before the run directory is created (offline, nothing written):
-  the tokenizer (`preflight_tokenizer`: a readable SentencePiece model with the BOS/EOS the recipe
-  asks for, or one the stage trains), and what each URL's store needs on this machine (see
-  `check_url`): the fsspec backend is installed (`s3fs` for `s3://`, `gcsfs` for `gs://`), and
-  credentials exist where their absence is certain:
+- `check_configuration`, before the run directory is created (nothing written): what each
+  URL's store needs on this machine (see `check_url`): the fsspec backend is installed (`s3fs`
+  for `s3://`, `gcsfs` for `gs://`), and credentials exist where their absence is certain:
   `s3://` with no AWS credentials anywhere botocore looks (environment, config and credential
   files, web identity, container and instance roles; `FSSPEC_S3_ANON` allows anonymous access),
   `gs://` with `GOOGLE_APPLICATION_CREDENTIALS` naming a missing file or no default credentials.
-  Unknowable offline and left to the next step: whether a token grants a gated `hf://` dataset,
-  whether a key may read a bucket.
+  Unknowable offline and left to `check_sources`: whether a token grants a gated `hf://`
+  dataset, whether a key may read a bucket. Then the tokenizer (`preflight_tokenizer`: a
+  readable SentencePiece model with the BOS/EOS the recipe asks for, or one the stage trains).
 - `check_writable`: the run directory is claimed (`RunDir.claim`) and a probe file is written
   and removed, before anything else is written there.
 - `check_sources`: every source the stages read lists (the listing is cached in RUN/inputs/, so
@@ -137,9 +136,6 @@ def check_configuration(recipe: Recipe, stages: list[str]) -> None:
     """The offline checks (module docstring), before anything is created; PreflightError(code 2)."""
     from .tokenize.tokenizer import preflight_tokenizer
 
-    problem = preflight_tokenizer(recipe, stages)
-    if problem:
-        raise PreflightError(problem, 2)
     cluster = bool(recipe.ray.address or os.environ.get("RAY_ADDRESS"))
     checked: set[str] = set()
     for what, url in _urls(recipe, stages):
@@ -147,6 +143,9 @@ def check_configuration(recipe: Recipe, stages: list[str]) -> None:
         if proto not in checked:  # one look-up per store: credentials do not differ by path
             check_url(url, what, cluster)
             checked.add(proto)
+    problem = preflight_tokenizer(recipe, stages)  # after the stores: a model on s3:// needs their credentials
+    if problem:
+        raise PreflightError(problem, 2)
 
 
 def check_writable(run: RunDir) -> None:

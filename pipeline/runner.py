@@ -57,13 +57,16 @@ class _TaskLog(logging.Handler):
         super().__init__(logging.INFO)
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.lines: list[str] = []
-        self.warnings: list[str] = []
+        self.warnings: list[str] = []  # the first few, for the run log
+        self.warning_count = 0
         self.dropped = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             if record.levelno >= logging.WARNING:
-                self.warnings.append(record.getMessage().splitlines()[0] if record.getMessage() else "")
+                self.warning_count += 1
+                if len(self.warnings) < 3:
+                    self.warnings.append(next(iter(record.getMessage().splitlines()), ""))
             if len(self.lines) < self.MAX_LINES:
                 self.lines.append(self.format(record))
             else:
@@ -126,8 +129,8 @@ def execute_task(stage: Stage, task: Task, recipe: Recipe, run: RunDir, attempt:
     }
     if tlog.lines:
         record["log"] = run.to_relative(_write_task_log(run, task, tlog, header))
-        record["log_warnings"] = tlog.warnings[:3]
-        record["log_warning_count"] = len(tlog.warnings)
+        record["log_warnings"] = tlog.warnings
+        record["log_warning_count"] = tlog.warning_count
     # on disk, outputs are relative to the run: a moved or copied run directory still finds them
     storage.write_json(run.record(task.stage, task.id),
                        dict(record, outputs=[run.to_relative(o) for o in result.outputs]))
@@ -196,13 +199,14 @@ def _read_record_index(run: RunDir, stage: str) -> dict[str, list]:
     return doc.get("records") or {}
 
 
-def _write_record_index(run: RunDir, stage: str, records: dict[str, dict]) -> None:
-    """Every record of the stage in one file with the stamp of its file as listed now, so that a
-    resume reads one object instead of one per task; a record whose file has changed since (a
-    rerun task, a hand edit) no longer matches its stamp and is read from its file."""
+def _write_record_index(run: RunDir, stage: str, records: dict[str, dict], listed: dict | None = None) -> None:
+    """Every record of the stage in one file with the stamp of its file as listed now (`listed`: a
+    listing just made), so that a resume reads one object instead of one per task; a record whose
+    file has changed since (a rerun task, a hand edit) no longer matches its stamp and is read from
+    its file."""
     import zstandard
 
-    listed = _list_records(run, stage)
+    listed = _list_records(run, stage) if listed is None else listed
     entries = {}
     for tid, rec in records.items():
         info = listed.get(storage.url_to_fs(run.record(stage, tid))[1])
@@ -216,14 +220,17 @@ def _existing_records(run: RunDir, stage: str, tasks: list[Task]) -> tuple[dict[
     """Completion records that match their task's fingerprint and whose outputs still exist, and
     how many were read from their own file rather than the stage's index.
 
-    One listing of RUN/tasks/<stage>/ (which records exist, and their stamps), then each record
-    from the stage's index (RUN/tasks/<stage>.index.json.zst, one object for the whole stage)
-    when its stamp matches, else from its file, read concurrently: a resume on an object store
-    would otherwise make one GET per task, tens of thousands per stage, each paying the store's
-    latency."""
+    One listing of RUN/tasks/<stage>/ (which records exist, and their stamps), then
+    `_load_records`: a resume on an object store would otherwise make one GET per task, tens of
+    thousands per stage, each paying the store's latency."""
     present = _list_records(run, stage)
-    if not present:
-        return {}, 0
+    return _load_records(run, stage, tasks, present) if present else ({}, 0)
+
+
+def _load_records(run: RunDir, stage: str, tasks: list[Task], present: dict[str, dict]) -> tuple[dict[str, dict], int]:
+    """The tasks' records among `present` (a listing): from the stage's index (RUN/tasks/<stage>
+    .index.json.zst, one object for the whole stage) where the file's stamp matches, else from
+    their files, read concurrently."""
     fs, _ = storage.url_to_fs(run.tasks(stage))
     local = storage.is_local(fs)
     wanted = [(t, path) for t in tasks if (path := storage.url_to_fs(run.record(stage, t.id))[1]) in present]
@@ -302,7 +309,10 @@ def run_stage(executor, stage: Stage | str, recipe: Recipe, run: RunDir | str | 
         if failed:
             break
     if index_stale and records:
-        _write_record_index(run, stage.name, records)
+        try:
+            _write_record_index(run, stage.name, records)
+        except Exception as e:  # noqa: BLE001 - a cache: without it a resume reads the records one by one
+            log.warning("%s: could not write %s (%s)", stage.name, run.record_index(stage.name), _cause(e))
     ordered = [records[i] for i in sorted(records)]
     stats = merge_all(r["stats"] for r in ordered)
     errors = sum(r["errors"] for r in ordered)
