@@ -161,7 +161,7 @@ def check_writable(run: RunDir) -> None:
     try:
         storage.write_bytes(probe, b"tinyprep preflight\n")
         storage.remove(probe)
-    except (OSError, RunDirError) as e:
+    except Exception as e:  # noqa: BLE001 - object stores refuse in their own ways (AccessDenied, ...): one line
         raise PreflightError(f"output: {run.url}: not writable ({_one_line(e)})", 1) from None
 
 
