@@ -76,28 +76,29 @@ def main(verbose: bool, debug: bool) -> None:
               help="Override a recipe key, e.g. --set ingest.max_errors=10 --set 'sources[0].weight=2'.")
 @click.option("--workers", type=click.IntRange(min=1), help="CPUs of the embedded local Ray (default: all).")
 def run(recipe: str, output: str | None, stages: str | None, overrides: tuple[str, ...], workers: int | None) -> None:
-    """Run a recipe's stages on Ray (embedded local Ray unless RAY_ADDRESS is set)."""
-    from .faults import FaultRuleError, parse_faults
-    from .layout import RunDir, RunDirError
+    """Run a recipe's stages on Ray (embedded local Ray unless RAY_ADDRESS is set).
+
+    Before any stage a preflight checks, in seconds, the tokenizer, the stores' backends and
+    credentials, that the output is writable and that every source lists and its first input
+    reads (exit 2 for a recipe or environment to fix, 1 for storage that failed)."""
+    from .faults import FaultRuleError
+    from .layout import RunDirError
+    from .preflight import PreflightError
     from .runner import run_recipe
     from .stage import StageFailed
 
     if output is not None and not output.strip():
         _fail("--output: must not be empty", 2)
-    from .tokenize.tokenizer import preflight_tokenizer
-
     wanted = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     try:
         r = load_recipe(recipe, list(overrides), output)
-        parse_faults()
-        problem = preflight_tokenizer(r, wanted)  # seconds now, not after hours of download and ingest
-        if problem:
-            _fail(problem, 2)
-        RunDir(r.output).claim()
-    except (RecipeError, FaultRuleError, RunDirError) as e:
+    except RecipeError as e:
         _fail(str(e), 2)
     try:
+        # the preflight runs first: seconds now, not after hours of download and ingest
         run_recipe(r, wanted, workers)
+    except (FaultRuleError, PreflightError) as e:
+        _fail(str(e), getattr(e, "code", 2))
     except StageFailed as e:
         _print_summary(r.output)
         _fail(str(e))

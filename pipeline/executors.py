@@ -13,16 +13,43 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Mapping
 
-from .faults import FAULTS_ENV
+import orjson
+
 from .layout import RunDir
 from .recipe import Recipe
 from .stage import Stage, Task
 
 log = logging.getLogger("tinyprep")
 
-FORWARDED_ENV = (FAULTS_ENV,)  # what tasks read from the environment, forwarded to cluster workers
+# What tasks read from the environment, forwarded to a cluster's workers (whose environment is not
+# the driver's): Hugging Face tokens and endpoint, the object stores' credentials and settings
+# (fsspec's own FSSPEC_<PROTOCOL>_<OPTION> included), proxies, and tinyprep's switches
+# (TINYPREP_FAULTS...). The one list: nothing else leaves the driver's environment.
+FORWARDED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT",
+                 "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "GCSFS_", "FSSPEC_", "TINYPREP_")
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a `ray job submit` entrypoint
+
+
+def _job_env_vars(environ: Mapping[str, str]) -> set[str]:
+    """The variables a submitted job's own runtime_env already sets (it reaches the workers): Ray
+    refuses a ray.init runtime_env that sets one of them again."""
+    try:
+        job = orjson.loads(environ.get(_JOB_CONFIG_ENV) or "{}")
+        return set(((job.get("runtime_env") or {}).get("env_vars") or {}).keys())
+    except (orjson.JSONDecodeError, AttributeError):
+        return set()
+
+
+def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The driver's variables the workers get (FORWARDED_ENV, FORWARDED_ENV_PREFIXES), less those
+    the submitted job's runtime_env sets itself. Values are never logged, only names."""
+    environ = os.environ if environ is None else environ
+    taken = _job_env_vars(environ)
+    return {k: v for k, v in sorted(environ.items())
+            if (k in FORWARDED_ENV or k.startswith(FORWARDED_ENV_PREFIXES)) and k not in taken}
 
 
 class LocalExecutor:
@@ -77,14 +104,16 @@ class RayExecutor:
     def _init(self, recipe: Recipe, workers: int | None) -> None:
         ray = self.ray
         address = recipe.ray.address or os.environ.get("RAY_ADDRESS")
-        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
         if address:
             # On a cluster the workers' environment is not ours: forward what the tasks read.
+            env = forwarded_env()
             if env:
                 kwargs["runtime_env"] = {"env_vars": env}
             ray.init(address=address, **kwargs)
             log.info("connected to Ray cluster at %s (%s CPUs)", address, ray.cluster_resources().get("CPU"))
+            if env:
+                log.info("forwarded to the workers: %s", ", ".join(env))  # names only, never values
         else:
             cpus = workers or recipe.ray.num_cpus or os.cpu_count() or 1
             # Ray carries task descriptions and small results only: a small object store starts faster.

@@ -5,6 +5,7 @@ under a run; stages, tools and the trainer ask a `RunDir` for them:
 
     RUN/recipe.yaml                  resolved copy of the recipe (what actually ran)
     RUN/inputs/<source>.json         the source's input listing, made once per run
+    RUN/assets/<name>                files the driver copies in for the workers (the recipe's tokenizer.model)
     RUN/raw/<source>/<rel>           downloaded inputs
     RUN/docs/<source>/<rel>.parquet  ingested documents, one file per input (or row-group range)
     RUN/dedup/...                    layout, signatures, buckets, components, removed/<source>/<rel>
@@ -13,8 +14,10 @@ under a run; stages, tools and the trainer ask a `RunDir` for them:
     RUN/shards/<source>/<split>/*.bin|*.idx
     RUN/manifest.json, RUN/mixture.json
     RUN/tasks/<stage>/<task>.json    completion records
+    RUN/tasks/<stage>.index.json.zst every record of a finished stage in one file (read on resume)
     RUN/stats/<stage>.json, <stage>.issues.jsonl, timeline.json
     RUN/logs/<time>-<pid>-run.log
+    RUN/logs/tasks/<stage>/<task>.log  what a task logged, written by the task (wherever it ran)
     RUN/<train.dir>/...              checkpoints and metrics of `tinyprep train`
 
 Temporary names (atomic commits) and file-version stamps come from `storage`; listings here skip
@@ -42,7 +45,7 @@ RUN_TOKENIZER = "tokenizer.model"  # where a tokenizer trained by the tokenize s
 MARKER_NAME = ".tinyprep-run"  # written when a run directory is created
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # what a run directory holds (any other entry means the directory is someone else's)
-RUN_ENTRIES = frozenset({"recipe.yaml", "inputs", "raw", "docs", "dedup", "tokenize", RUN_TOKENIZER, "shards",
+RUN_ENTRIES = frozenset({"recipe.yaml", "inputs", "assets", "raw", "docs", "dedup", "tokenize", RUN_TOKENIZER, "shards",
                           MANIFEST_NAME, MIXTURE_NAME, "tasks", "stats", "logs", "train", MARKER_NAME})
 
 
@@ -110,6 +113,11 @@ class RunDir:
 
     def inputs_listing(self, source: str) -> str:
         return self._join("inputs", f"{source}.json")
+
+    def assets(self, name: str) -> str:
+        """A file the driver copies into the run at its start, so that tasks on any node read it
+        from the run's storage rather than from a path only the driver's machine has."""
+        return self._join("assets", contained(name, "asset"))
 
     def raw(self, source: str, rel_path: str) -> str:
         """Where the download stage puts a source's file."""
@@ -195,6 +203,10 @@ class RunDir:
     def record(self, stage: str, task_id: str) -> str:
         return self._join("tasks", stage, task_id + ".json")
 
+    def record_index(self, stage: str) -> str:
+        """The stage's completion records in one file, beside (not inside) RUN/tasks/<stage>/."""
+        return self._join("tasks", f"{stage}.index.json.zst")
+
     def stage_stats(self, stage: str) -> str:
         return self._join("stats", f"{stage}.json")
 
@@ -208,6 +220,13 @@ class RunDir:
     def log(self, name: str) -> str:
         return self._join("logs", name)
 
+    def task_logs(self, stage: str) -> str:
+        return self._join("logs", "tasks", stage)
+
+    def task_log(self, stage: str, task_id: str) -> str:
+        """What one task logged (its last attempt), written by the task through storage."""
+        return self._join("logs", "tasks", stage, contained(task_id, f"{stage} task id") + ".log")
+
     # -- training -------------------------------------------------------------------------------
 
     def train(self, train_dir: str, *parts: str) -> str:
@@ -218,6 +237,11 @@ class RunDir:
     @property
     def marker(self) -> str:
         return self._join(MARKER_NAME)
+
+    def probe(self) -> str:
+        """A throwaway file the preflight writes and removes to prove the run is writable; named as
+        an atomic commit's temporary, so one a killed run left behind is cleaned up like those."""
+        return storage.temp_name(self.marker)
 
     def is_marked(self) -> bool:
         return storage.exists(self.marker)

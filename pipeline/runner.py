@@ -13,6 +13,12 @@ For each stage (`pipeline/stage.py` holds the contract) and each of its phases, 
 - fails the stage (after finishing every other task) when a task failed for good or when the
   stage's bad-input count exceeds what the stage allows.
 
+Before the first stage, `run_recipe` runs the preflight (`pipeline/preflight.py`) and copies the
+recipe's tokenizer model into the run (RUN/assets/), so that workers on any node read what the
+driver read. What a task logs (the "tinyprep" logger, INFO and above, wherever the task runs)
+goes to RUN/logs/tasks/<stage>/<task>.log through storage; its completion record names the file
+and the run log says which tasks logged warnings and where.
+
 Fault injection for tests: `TINYPREP_FAULTS` (see `pipeline/faults.py`).
 """
 
@@ -23,6 +29,7 @@ import os
 import socket
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -31,6 +38,7 @@ import orjson
 from . import storage
 from .faults import inject, parse_faults
 from .layout import RunDir
+from .preflight import check_configuration, check_sources, check_writable
 from .progress import StageProgress, fmt_duration
 from .recipe import Recipe
 from .retry import backoff_delay
@@ -40,11 +48,70 @@ from .stats import merge_all
 log = logging.getLogger("tinyprep")
 
 
+class _TaskLog(logging.Handler):
+    """Collects what one task logs to the "tinyprep" logger (INFO and above), capped."""
+
+    MAX_LINES = 10_000
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.lines: list[str] = []
+        self.warnings: list[str] = []  # the first few, for the run log
+        self.warning_count = 0
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.levelno >= logging.WARNING:
+                self.warning_count += 1
+                if len(self.warnings) < 3:
+                    self.warnings.append(next(iter(record.getMessage().splitlines()), ""))
+            if len(self.lines) < self.MAX_LINES:
+                self.lines.append(self.format(record))
+            else:
+                self.dropped += 1
+        except Exception:  # noqa: BLE001 - logging must never fail the task
+            self.handleError(record)
+
+    def __enter__(self) -> "_TaskLog":
+        logger = logging.getLogger("tinyprep")
+        self._level = logger.level
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            # a Ray worker never configured the logger: its effective level is the root's WARNING
+            logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logger = logging.getLogger("tinyprep")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+
+    def text(self, header: str) -> bytes:
+        tail = [f"... {self.dropped} more line(s) not kept"] if self.dropped else []
+        return ("\n".join([header, *self.lines, *tail]) + "\n").encode()
+
+
 def execute_task(stage: Stage, task: Task, recipe: Recipe, run: RunDir, attempt: int, node_id: str = "") -> dict:
-    """Run one task and write its completion record. Plain function: executors call it."""
+    """Run one task and write its completion record. Plain function: executors call it.
+
+    What the task logs goes to RUN/logs/tasks/<stage>/<task>.log (also when it raises), through
+    storage, so a task on a remote node leaves its log where the run is."""
     inject(task.stage, task.id, attempt, late=False)
     t0 = time.time()
-    result = stage.run_task(task, recipe, run)
+    header = f"# {task.stage} task {task.id}, attempt {attempt + 1}, {socket.gethostname()} pid {os.getpid()}"
+    with _TaskLog() as tlog:
+        try:
+            result = stage.run_task(task, recipe, run)
+        except Exception as err:
+            if tlog.lines:  # what led to the failure is worth keeping; a silent task leaves no file
+                tlog.lines.append(f"task failed: {type(err).__name__}: {err}")
+                try:
+                    _write_task_log(run, task, tlog, header)
+                except Exception:  # noqa: BLE001 - the task's own error is the one to report
+                    pass
+            raise
     if not isinstance(result, TaskResult):
         raise TypeError(f"{task.stage}.run_task returned {type(result).__name__}, not TaskResult")
     inject(task.stage, task.id, attempt, late=True)
@@ -60,10 +127,20 @@ def execute_task(stage: Stage, task: Task, recipe: Recipe, run: RunDir, attempt:
         "node_id": node_id,
         "pid": os.getpid(),
     }
+    if tlog.lines:
+        record["log"] = run.to_relative(_write_task_log(run, task, tlog, header))
+        record["log_warnings"] = tlog.warnings
+        record["log_warning_count"] = tlog.warning_count
     # on disk, outputs are relative to the run: a moved or copied run directory still finds them
     storage.write_json(run.record(task.stage, task.id),
                        dict(record, outputs=[run.to_relative(o) for o in result.outputs]))
     return record
+
+
+def _write_task_log(run: RunDir, task: Task, tlog: _TaskLog, header: str) -> str:
+    url = run.task_log(task.stage, task.id)
+    storage.write_bytes(url, tlog.text(header))
+    return url
 
 
 @dataclass
@@ -85,31 +162,105 @@ class StageReport:
         return not self.failed and (self.allowed_errors is None or self.errors <= self.allowed_errors)
 
 
-def _existing_records(run: RunDir, stage: str, tasks: list[Task]) -> dict[str, dict]:
-    """Completion records that match their task's fingerprint and whose outputs still exist."""
+RECORD_READERS_REMOTE = 64  # concurrent GETs of completion records on an object store
+RECORD_READERS_LOCAL = 8  # a shared filesystem's metadata round trips overlap too
+_INDEX_FORMAT = "tinyprep-record-index"
+
+
+def _record_stamp(info: dict) -> str:
+    """What identifies one version of a record file in a listing: the object store's ETag (a
+    content hash for these small single-part objects), else size and modification time."""
+    etag = info.get("ETag") or info.get("etag")
+    return "etag:" + str(etag).strip('"') if etag else storage.file_stamp(info)
+
+
+def _list_records(run: RunDir, stage: str) -> dict[str, dict]:
+    """path -> fsspec info of every file under RUN/tasks/<stage>/ (one listing)."""
     fs, root = storage.url_to_fs(run.tasks(stage))
     try:
-        present = set(fs.find(root))
+        return fs.find(root, detail=True)
     except FileNotFoundError:
-        present = set()
+        return {}
+
+
+def _read_record_index(run: RunDir, stage: str) -> dict[str, list]:
+    """The stage's record index (task id -> [stamp, record as on disk]), {} when absent or unusable."""
+    import zstandard
+
+    try:
+        doc = orjson.loads(zstandard.ZstdDecompressor().decompress(storage.read_bytes(run.record_index(stage))))
+    except FileNotFoundError:
+        return {}
+    except (zstandard.ZstdError, orjson.JSONDecodeError, OSError) as e:
+        log.debug("%s: unreadable (%s); reading the records one by one", run.record_index(stage), e)
+        return {}
+    if not isinstance(doc, dict) or doc.get("format") != _INDEX_FORMAT or doc.get("version") != 1:
+        return {}
+    return doc.get("records") or {}
+
+
+def _write_record_index(run: RunDir, stage: str, records: dict[str, dict], listed: dict | None = None) -> None:
+    """Every record of the stage in one file with the stamp of its file as listed now (`listed`: a
+    listing just made), so that a resume reads one object instead of one per task; a record whose
+    file has changed since (a rerun task, a hand edit) no longer matches its stamp and is read from
+    its file."""
+    import zstandard
+
+    listed = _list_records(run, stage) if listed is None else listed
+    entries = {}
+    for tid, rec in records.items():
+        info = listed.get(storage.url_to_fs(run.record(stage, tid))[1])
+        if info is not None:
+            entries[tid] = [_record_stamp(info), dict(rec, outputs=[run.to_relative(o) for o in rec.get("outputs", [])])]
+    doc = {"format": _INDEX_FORMAT, "version": 1, "stage": stage, "records": entries}
+    storage.write_bytes(run.record_index(stage), zstandard.ZstdCompressor(level=3).compress(orjson.dumps(doc)))
+
+
+def _existing_records(run: RunDir, stage: str, tasks: list[Task]) -> tuple[dict[str, dict], int]:
+    """Completion records that match their task's fingerprint and whose outputs still exist, and
+    how many were read from their own file rather than the stage's index.
+
+    One listing of RUN/tasks/<stage>/ (which records exist, and their stamps), then
+    `_load_records`: a resume on an object store would otherwise make one GET per task, tens of
+    thousands per stage, each paying the store's latency."""
+    present = _list_records(run, stage)
+    return _load_records(run, stage, tasks, present) if present else ({}, 0)
+
+
+def _load_records(run: RunDir, stage: str, tasks: list[Task], present: dict[str, dict]) -> tuple[dict[str, dict], int]:
+    """The tasks' records among `present` (a listing): from the stage's index (RUN/tasks/<stage>
+    .index.json.zst, one object for the whole stage) where the file's stamp matches, else from
+    their files, read concurrently."""
+    fs, _ = storage.url_to_fs(run.tasks(stage))
     local = storage.is_local(fs)
-    done: dict[str, dict] = {}
-    for t in tasks:
-        url = run.record(stage, t.id)
-        _, path = storage.url_to_fs(url)
-        if path not in present:
-            continue
-        try:
-            rec = storage.read_json(url)
-        except (orjson.JSONDecodeError, OSError):
-            continue  # a torn record (cannot happen with atomic commits, but be safe): redo the task
-        if not rec or rec.get("fingerprint") != t.fingerprint:
-            continue
-        rec["outputs"] = [run.relative(o) for o in rec.get("outputs", [])]
+    wanted = [(t, path) for t in tasks if (path := storage.url_to_fs(run.record(stage, t.id))[1]) in present]
+    index = _read_record_index(run, stage) if wanted else {}
+    indexed = {t.id: index[t.id][1] for t, path in wanted
+               if t.id in index and index[t.id][0] == _record_stamp(present[path])}
+
+    def load(item: tuple[Task, str]) -> dict | None:
+        t, path = item
+        rec = indexed.get(t.id)
+        if rec is None:
+            try:
+                rec = orjson.loads(fs.cat_file(path))
+            except (orjson.JSONDecodeError, OSError):
+                return None  # a torn or vanished record (atomic commits make it unlikely): redo the task
+        if not isinstance(rec, dict) or rec.get("fingerprint") != t.fingerprint:
+            return None
+        rec = dict(rec, outputs=[run.relative(o) for o in rec.get("outputs", [])])
         if local and not all(os.path.exists(storage.url_to_fs(o)[1]) for o in rec["outputs"]):
-            continue
-        done[t.id] = rec
-    return done
+            return None
+        return rec
+
+    misses = len(wanted) - len(indexed)
+    workers = min(RECORD_READERS_LOCAL if local else RECORD_READERS_REMOTE, misses)
+    if workers <= 1:
+        loaded = list(map(load, wanted))
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="tinyprep-records") as pool:
+            loaded = list(pool.map(load, wanted))
+    return {t.id: rec for (t, _), rec in zip(wanted, loaded) if rec is not None}, misses
 
 
 def _cause(err: BaseException) -> str:
@@ -134,6 +285,7 @@ def run_stage(executor, stage: Stage | str, recipe: Recipe, run: RunDir | str | 
     failed: list[tuple[str, str]] = []
     n_tasks = n_skipped = 0
     phases: list[str | None] = []
+    index_stale = False  # a record was read from its own file, or a task ran: rewrite the index
     for phase in stage.phases(recipe, run):
         phases.append(phase)
         label = stage.name if phase is None else f"{stage.name}:{phase}"
@@ -141,7 +293,7 @@ def run_stage(executor, stage: Stage | str, recipe: Recipe, run: RunDir | str | 
         ids = [t.id for t in tasks]
         if len(set(ids)) != len(ids) or set(ids) & set(records):
             raise RuntimeError(f"{label}: plan produced duplicate task ids")
-        done = _existing_records(run, stage.name, tasks)
+        done, misses = _existing_records(run, stage.name, tasks)
         todo = [t for t in tasks if t.id not in done]
         log.info("%s: %d tasks, %d already done, %d to run", label, len(tasks), len(done), len(todo))
         records.update(done)
@@ -149,12 +301,18 @@ def run_stage(executor, stage: Stage | str, recipe: Recipe, run: RunDir | str | 
         n_skipped += len(done)
         progress = StageProgress(label, len(tasks), sum(t.size for t in tasks), len(done), recipe.ray.log_every_s)
         try:
+            index_stale = index_stale or bool(misses or todo)
             if todo:
                 _run_tasks(executor, stage, label, todo, recipe, run, cpus_per_task, records, failed, progress)
         finally:
             progress.close()
         if failed:
             break
+    if index_stale and records:
+        try:
+            _write_record_index(run, stage.name, records)
+        except Exception as e:  # noqa: BLE001 - a cache: without it a resume reads the records one by one
+            log.warning("%s: could not write %s (%s)", stage.name, run.record_index(stage.name), _cause(e))
     ordered = [records[i] for i in sorted(records)]
     stats = merge_all(r["stats"] for r in ordered)
     errors = sum(r["errors"] for r in ordered)
@@ -168,6 +326,9 @@ def run_stage(executor, stage: Stage | str, recipe: Recipe, run: RunDir | str | 
     issues = [i for r in ordered for i in r.get("issues", [])]
     storage.write_bytes(run.stage_issues(stage.name),
                         b"".join(orjson.dumps(i, option=orjson.OPT_SORT_KEYS) + b"\n" for i in issues))
+    logged = sum(1 for r in ordered if r.get("log"))
+    if logged:
+        log.info("%s: %d task(s) logged messages, in %s", stage.name, logged, run.task_logs(stage.name))
     if report.ok:  # the stats and issues are written first: a failing finish still leaves them
         stage.finish(recipe, run, ordered)
     report.seconds = time.monotonic() - t0
@@ -208,7 +369,19 @@ def _run_tasks(executor, stage: Stage, label: str, todo: list[Task], recipe: Rec
                     progress.task_failed()
                 continue
             records[task.id] = outcome
+            _relay_task_warnings(label, task, outcome)
             progress.task_done(outcome["docs"], outcome["bytes"], task.size)
+
+
+def _relay_task_warnings(label: str, task: Task, record: dict) -> None:
+    """Say in the run log that a task logged warnings, where its log is and what the first was
+    (a task in this process has already logged it here: only where, then)."""
+    n = record.get("log_warning_count", 0)
+    if not n:
+        return
+    here = record.get("pid") == os.getpid() and record.get("node") == socket.gethostname()
+    first = "" if here else f": {record['log_warnings'][0]}" + (" ..." if n > 1 else "")
+    log.warning("%s task %s logged %d warning(s), its log: %s%s", label, task.id, n, record["log"], first)
 
 
 def _append_timeline(run: RunDir, report: StageReport, records: list[dict]) -> None:
@@ -303,18 +476,29 @@ def run_recipe(recipe: Recipe, stages: list[str] | None = None, workers: int | N
                executor=None) -> list[StageReport]:
     """Run the recipe's stages (or the given subset, in flow order); raise StageFailed on failure.
 
-    The executor defaults to Ray (embedded, or the cluster of `RAY_ADDRESS` / `ray.address`).
+    First the preflight (`pipeline/preflight.py`; PreflightError, before any stage): the
+    tokenizer and the stores' backends and credentials before the run directory is created, then
+    the run directory is claimed and proven writable, then the sources are listed. Then the recipe's tokenizer model is
+    copied into RUN/assets/ for the tasks. The executor defaults to Ray (embedded, or the
+    cluster of `RAY_ADDRESS` / `ray.address`).
     """
     order = stage_order(stages or recipe.stages)
     parse_faults()  # a malformed rule is refused before anything runs
+    check_configuration(recipe, order)
     run = RunDir(recipe.output)
-    run.claim()
+    check_writable(run)
     storage.write_bytes(run.recipe, recipe.to_yaml().encode())
     _remove_stale_temporaries(run)
     runlog = _RunLog(run)
     reports: list[StageReport] = []
     try:
         log.info("run %s: stages %s, output %s", recipe.name, ",".join(order), run.url)
+        check_sources(recipe, run, order)
+        from .tokenize.tokenizer import copy_tokenizer_asset
+
+        asset = copy_tokenizer_asset(recipe, run, order)
+        if asset:
+            log.info("tokenizer.model %s copied to %s for the workers", recipe.tokenizer.model, asset)
         owned = executor is None
         if owned:
             from .executors import RayExecutor

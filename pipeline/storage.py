@@ -127,6 +127,15 @@ def write_json(url: str, obj: Any) -> None:
     write_bytes(url, orjson.dumps(obj, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n")
 
 
+def remove(url: str) -> None:
+    """Delete one file; a missing one is not an error."""
+    fs, path = url_to_fs(url)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = url_to_fs(url)
     with fs.open(path, "rb") as fh:

@@ -56,3 +56,27 @@ def test_file_stamp_changes_when_a_file_is_rewritten(tmp_path):
     assert storage.file_stamp(fs.info(p)) != before
     assert storage.is_temporary(os.path.basename(storage.temp_name(str(path))))
     assert not storage.is_temporary("f.bin")
+
+
+def test_assets_task_logs_and_the_probe_are_under_the_run(tmp_path):
+    import pytest
+
+    from pipeline.layout import RunDirError
+
+    run = RunDir("s3://bucket/runs/x")
+    assert run.assets("tokenizer.model") == "s3://bucket/runs/x/assets/tokenizer.model"
+    assert run.task_log("ingest", "web/a.jsonl") == "s3://bucket/runs/x/logs/tasks/ingest/web/a.jsonl.log"
+    assert run.task_logs("ingest") == "s3://bucket/runs/x/logs/tasks/ingest"
+    probe = run.probe()
+    assert probe.startswith("s3://bucket/runs/x/.tinyprep-run.tmp-") and storage.is_temporary(probe)
+    for bad in ("../x", "/etc/passwd", "a/../../b"):
+        with pytest.raises(RunDirError):
+            run.assets(bad)
+        with pytest.raises(RunDirError):
+            run.task_log("ingest", bad)
+    # a run holding assets is still recognised as a run (an earlier run is adopted, not refused)
+    local = tmp_path / "old"
+    (local / "assets").mkdir(parents=True)
+    (local / "recipe.yaml").write_text("name: x\n")
+    RunDir(str(local)).claim()
+    assert RunDir(str(local)).is_marked()

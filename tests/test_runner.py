@@ -136,7 +136,9 @@ def test_missing_inputs_are_named(workdir, tmp_path):
     recipe.write_text(f"name: m\noutput: {tmp_path / 'run'}\nstages: [download, ingest]\nsources:\n  - name: web\n"
                       f"    urls: ['{tmp_path}/nothing/*.jsonl']\n")
     r = tinyprep("run", str(recipe), cwd=workdir)
-    assert r.returncode == 1 and "nothing/*.jsonl: matches no file" in r.stderr
+    # the preflight finds it before any stage (and before Ray starts)
+    assert r.returncode == 1 and "error: source web: " in r.stderr and "nothing/*.jsonl: matches no file" in r.stderr
+    assert "embedded local Ray" not in r.stderr
 
 
 def test_a_copied_run_directory_resumes_in_place(reference, workdir, tmp_path):

@@ -5,7 +5,10 @@
   `manifest_tokenizer_url` (that record, resolved against the run) and `recipe_tokenizer_url`
   (what the run's resolved recipe, RUN/recipe.yaml, names).
 - Loading: `load_processor` (a SentencePiece processor from model bytes), `load_checked` (the
-  recipe's model, unchanged since the stage was planned).
+  recipe's model, unchanged since the stage was planned, as tasks read it: from the run's copy).
+- Shipping: `copy_tokenizer_asset` (the driver copies the recipe's model into the run, at
+  `RunDir.assets(ASSET_TOKENIZER)`, so that a task on a node without the driver's filesystem
+  reads it from the run's storage; a model the stage trains is in the run already).
 - Checking: `tokenizer_info` (hash, vocabulary, BOS/EOS the recipe asks for, a token dtype the
   vocabulary fits), `preflight_tokenizer` (the same, in seconds, before any stage runs: for
   `tinyprep validate` and the start of `tinyprep run`) and `check_manifest_tokenizer` (the
@@ -191,9 +194,52 @@ def _trained_fits(recipe: Recipe) -> str | None:
     return None
 
 
+ASSET_TOKENIZER = "tokenizer.model"  # the recipe's model, copied into RUN/assets/ for the workers
+
+
+def copy_tokenizer_asset(recipe: Recipe, run: RunDir, stages: list[str] | None = None) -> str | None:
+    """Copy the recipe's `tokenizer.model` into the run (RUN/assets/tokenizer.model) for the tasks;
+    the copy's URL, or None when there is nothing to copy (no tokenize or mix stage, no model
+    path, a model the stage trains, or no file yet). The driver calls it at the start of a run:
+    workers on other nodes need not see the driver's path. The copy is rewritten only when its
+    bytes differ, so a rerun with the same model writes nothing."""
+    wanted = set(stages or recipe.stages)
+    tok = recipe.tokenizer
+    if not wanted & {"tokenize", "mix"} or tok is None or not tok.model or not storage.exists(tok.model):
+        return None
+    model = read_model(tok.model)
+    dest = run.assets(ASSET_TOKENIZER)
+    try:
+        same = storage.read_bytes(dest) == model
+    except FileNotFoundError:
+        same = False
+    if not same:
+        storage.write_bytes(dest, model)
+    return dest
+
+
+def _task_model(recipe: Recipe, run: RunDir, sha256: str) -> bytes:
+    """The model bytes a task uses: the run's copy of the recipe's model when it is the planned one,
+    else the recipe's path (a stage run without `run_recipe`, which makes no copy), else the run's
+    trained model."""
+    if recipe.tokenizer is not None and recipe.tokenizer.model:
+        try:
+            model = storage.read_bytes(run.assets(ASSET_TOKENIZER))
+            if hashlib.sha256(model).hexdigest() == sha256:
+                return model
+        except FileNotFoundError:
+            pass
+    url = tokenizer_url(recipe, run)
+    try:
+        return storage.read_bytes(url)
+    except FileNotFoundError:
+        raise TokenizeError(f"tokenizer.model: {url}: no such file on this node, and no copy at "
+                            f"{run.assets(ASSET_TOKENIZER)} (the run copies it there when it starts)") from None
+
+
 def load_checked(recipe: Recipe, run: RunDir, sha256: str):
     """The recipe's tokenizer, loaded, if its bytes still hash to sha256 (that of the plan)."""
-    model = storage.read_bytes(tokenizer_url(recipe, run))
+    model = _task_model(recipe, run, sha256)
     if hashlib.sha256(model).hexdigest() != sha256:
         raise TokenizeError(f"{tokenizer_url(recipe, run)}: the tokenizer changed while the stage ran")
     return load_processor(model)
