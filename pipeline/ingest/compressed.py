@@ -171,6 +171,17 @@ def _cut(where: str, inp: _Input) -> StreamError:
     return StreamError("truncated", f"the file ends inside {where} (file of {inp.offset} bytes)")
 
 
+def _end_cut(held, e: StreamError, release_cut: bool):
+    """What a frame (or gzip member) cut by `e` still yields: its lines when the caller asked for
+    cut frames (a head of a file), else their loss. True when that loss accounts for `e` (a
+    truncation inside the frame), so the stream ends without a file-level problem."""
+    if release_cut:
+        yield from held.release()
+        return False
+    yield _lost_inside(held, e)
+    return e.kind == "truncated"
+
+
 def _lost_inside(held: Held, e: StreamError) -> Lost:
     """The held bytes of a frame the stream ended inside (a cut counts its lines as truncated,
     like the partial record of a stream that is not held)."""
@@ -287,13 +298,8 @@ def zstd_chunks(read: Callable[[], bytes], first: bytes, release_cut: bool = Fal
                 yield from held.release()
             held = None
     except StreamError as e:
-        if held is not None:
-            if release_cut:
-                yield from held.release()
-            else:
-                yield _lost_inside(held, e)
-                if e.kind == "truncated":
-                    return  # counted with the frame's lines: not a file-level problem
+        if held is not None and (yield from _end_cut(held, e, release_cut)):
+            return  # counted with the frame's lines: not a file-level problem
         raise
     finally:
         if held is not None:  # a storage error (or the consumer stopped) inside a frame
@@ -386,13 +392,8 @@ def gzip_chunks(read: Callable[[], bytes], first: bytes, release_cut: bool = Fal
                 yield from held.release()
             held = None
     except StreamError as e:
-        if held is not None:
-            if release_cut:
-                yield from held.release()
-            else:
-                yield _lost_inside(held, e)
-                if e.kind == "truncated":
-                    return  # counted with the member's lines: not a file-level problem
+        if held is not None and (yield from _end_cut(held, e, release_cut)):
+            return  # counted with the frame's lines: not a file-level problem
         raise
     finally:
         if held is not None:  # a storage error (or the consumer stopped) inside a frame
