@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tinyprep
+from conftest import tinyprep, tmpfs
 
 from pipeline.executors import LocalExecutor
 from pipeline.layout import RunDir
@@ -119,18 +119,11 @@ def test_an_ingest_of_downloaded_copies_does_not_need_the_originals(tmp_path):
 @pytest.fixture
 def read_only_run(tmp_path):
     """A marked run directory on a tmpfs remounted read-only."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "1m") as mnt:
         RunDir(str(mnt / "run")).claim()
         (mnt / "run" / "recipe.yaml").write_text("name: pre\n")
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         yield mnt / "run"
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_an_output_that_is_not_writable_is_one_line_from_the_cli(tmp_path, read_only_run):

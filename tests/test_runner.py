@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, kill_run_when, outputs, tinyprep
+from conftest import ROOT, kill_run_when, outputs, tinyprep, tmpfs
 
 RECIPE = str(ROOT / "recipes" / "sample.yaml")
 pytestmark = pytest.mark.slow
@@ -165,15 +165,8 @@ def test_a_copied_run_directory_resumes_in_place(reference, workdir, tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 9 MB tmpfs: the sample's run (about 19 MB) fills it in the middle of the flow."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "9m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_full_disk_fails_with_one_line_and_the_run_resumes(reference, workdir, small_disk):
