@@ -18,6 +18,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from http_helpers import send_range_headers
 
 from pipeline import download
 from pipeline.layout import RunDir
@@ -66,24 +67,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if not os.path.isfile(path):
             return super().do_GET()  # directory listing, redirect or 404
         data = Path(path).read_bytes()
-        start, end = 0, len(data) - 1
-        m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng or "")
-        if m and not state["norange"]:
-            start = int(m[1])
-            end = min(int(m[2]), end) if m[2] else end
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(end - start + 1))
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        body = data[start : end + 1]
+        span = send_range_headers(self, data, use_range=not state["norange"])
+        if span is None:
+            return
+        body = data[span[0] : span[1] + 1]
         with state["lock"]:
             plan = state["drops"].get(self.path)
             if isinstance(plan, int):

@@ -9,7 +9,6 @@ stage on the in-process executor with one task retry.
 from __future__ import annotations
 
 import http.server
-import re
 import threading
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from http_helpers import send_range_headers
 
 from pipeline import download, storage
 from pipeline.executors import LocalExecutor
@@ -55,19 +55,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        start, end = 0, len(data) - 1
-        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
-        if m and body:
-            start, end = int(m[1]), min(int(m[2]), end) if m[2] else end
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(end - start + 1))
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        if body:
-            self.wfile.write(data[start:end + 1])
+        span = send_range_headers(self, data, use_range=body)
+        if body and span:
+            self.wfile.write(data[span[0]:span[1] + 1])
 
     def do_HEAD(self):
         self._answer(body=False)
