@@ -40,7 +40,7 @@ from .distributed import (
     under_launcher,
 )
 from .loader import HoldoutSet, MixtureLoader, check_world
-from .metrics import MetricsLog, peak_flops
+from .metrics import MetricsLog, peak_flops, truncate_after
 from .model import LlamaConfig, model_config
 from .parallelize import build_model
 from .schedule import learning_rate
@@ -131,9 +131,15 @@ def prepare(recipe: Recipe, nproc: int | None = None, fresh: bool = False) -> Tr
             log.warning(f"train: checkpoint {path} is damaged ({why}); resuming from {found.path} instead")
     if found is not None:
         try:
-            checkpoint.check_compatible(found, mixture.fingerprint, cfg.global_batch, asdict(model))
+            checkpoint.check_compatible(found, checkpoint.plan_record(manifest, mixture, cfg.global_batch),
+                                        mixture.fingerprint, asdict(model))
         except checkpoint.CheckpointError as e:
             raise TrainError(str(e)) from None
+    if os.environ.get("RANK", "0") == "0":  # the steps after the checkpoint are replayed: logged once
+        start = found.step if found else 0
+        dropped = truncate_after(str(Path(out_path, "metrics.jsonl")), start)
+        if dropped:
+            log.info(f"train: metrics.jsonl: {dropped} record(s) after step {start} removed (replayed from there)")
     return TrainPlan(run_url=run_url, cfg=cfg, manifest=manifest, mixture=mixture, model=model, device=device,
                      nproc=nproc, world=world, max_steps=max_steps, out_dir=out_path,
                      resume=str(found.path) if found else None, done=found is not None and found.step >= max_steps)
@@ -260,8 +266,9 @@ class Trainer:
             total += loss.detach()
         return total
 
-    def clip_gradients(self) -> float:
-        """Global gradient norm (before clipping); clips to train.grad_clip."""
+    def clip_gradients(self) -> torch.Tensor:
+        """Global gradient norm before clipping, a scalar on the device (read on logging steps only,
+        so a step needs no host-device sync); clips to train.grad_clip on the device."""
         from torch.distributed.tensor import DTensor
 
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -270,7 +277,7 @@ class Trainer:
             norm = norm.full_tensor()
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
-        return float(norm)
+        return norm.detach()
 
     def _lr(self, step: int) -> float:
         cfg = self.cfg
@@ -282,6 +289,7 @@ class Trainer:
         batches = iter(self.loader)
         first = self.step + 1
         window_start, window_steps = time.perf_counter(), 0
+        pending: dict[int, bytes] = {}  # this rank's row digests of each step since the last record
         self.model.train()
         while self.step < plan.max_steps:
             lr = self._lr(self.step)
@@ -296,28 +304,38 @@ class Trainer:
             window_steps += 1
             done = self.step
             last = done == plan.max_steps
-            if done % cfg.log_every == 0 or last or done == first:
+            # this rank's rows of the batch, hashed from the host's copy (no device sync); gathered on
+            # logging steps: rank r holds rows [r B / W, (r + 1) B / W) of every global batch, so the
+            # rank-ordered digests are the batch's rows in order, whatever the world size
+            pending[done] = b"".join(row_digests(batch.tokens))
+            saved = bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or last
+            # a checkpoint's step is logged too, so that the records up to it hash every step up to it
+            if done % cfg.log_every == 0 or last or done == first or saved:
                 loss = local_loss.clone()
                 dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-                digests = [None] * env.world
-                dist.all_gather_object(digests, row_digests(batch.tokens))
-                elapsed = time.perf_counter() - window_start
+                # the loss and the gradient norm reach the host here only: one copy per logged step
+                loss_sum, norm = torch.stack([loss, grad_norm.to(loss.dtype)]).tolist()
+                gathered: list = [None] * env.world
+                dist.all_gather_object(gathered, pending)
+                hashes = {str(s): hashlib.sha256(b"".join(part[s] for part in gathered)).hexdigest()[:16]
+                          for s in sorted(pending)}
+                elapsed = time.perf_counter() - window_start  # after the copy: the device has caught up
                 tok_s = window_steps * gb * seq_len / elapsed
                 per_device = tok_s / env.world
                 self.metrics.write({
                     "kind": "train", "step": done, "max_steps": plan.max_steps, "samples": self.loader.samples,
-                    "loss": float(loss) / env.world, "lr": lr, "grad_norm": grad_norm,
+                    "loss": loss_sum / env.world, "lr": lr, "grad_norm": norm,
                     "tokens_per_s": tok_s, "tokens_per_s_per_device": per_device,
                     "mfu": self.flops_per_token * per_device / self.peak if self.peak else None,
-                    "batch": hashlib.sha256(b"".join(d for part in digests for d in part)).hexdigest()[:16],
+                    "batch": hashes[str(done)], "batches": hashes,  # this step's; every step's since the last
                     "world": env.world,
                     "sources": self.loader.index.consumed(self.loader.samples),
                 })
+                pending = {}
                 window_start, window_steps = time.perf_counter(), 0
             evaluated = self.holdout is not None and (done % cfg.eval_every == 0 or last)
             if evaluated:
                 self.evaluate()
-            saved = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or last
             if saved:
                 self.save()
             if evaluated or saved:  # tokens/s counts training steps only
@@ -362,7 +380,8 @@ class Trainer:
         train_state = {"step": self.step, "samples": self.loader.samples, "fingerprint": plan.mixture.fingerprint,
                        "global_batch": self.cfg.global_batch}
         meta = {"world": self.env.world, "model": asdict(plan.model), "model_name": self.cfg.model,
-                "sources": self.loader.index.consumed(self.loader.samples)}
+                "sources": self.loader.index.consumed(self.loader.samples),
+                "plan": checkpoint.plan_record(plan.manifest, plan.mixture, self.cfg.global_batch)}
         path = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, train_state, meta,
                                self.env.rank, self.env.device, self.cfg.keep_checkpoints)
         if self.env.is_main:
