@@ -210,8 +210,8 @@ def _shards_phrase(a: dict, b: dict) -> str:
 
 def plan_changes(saved: dict, current: dict) -> list[str]:
     """The changes from the plan a checkpoint was trained on (`saved`) to this run's (`current`)
-    that alter the sample stream, one phrase each ("source 'code' samples 1,234 -> 2,345
-    (mix.token_budget 39,488 -> 78,976)"); empty when every sample to come is the same."""
+    that alter the sample stream, one phrase each ("source 'web' samples 70 -> 88, source 'code'
+    samples 30 -> 37 (mix.token_budget 3,200 -> 4,000)"); empty when every sample to come is the same."""
     out = []
     for key, name in (("seq_len", "mix.seq_len"), ("seed", "mix.seed"), ("global_batch", "train.global_batch")):
         if saved[key] != current[key]:
@@ -225,14 +225,14 @@ def plan_changes(saved: dict, current: dict) -> list[str]:
             out.append(_shards_phrase(a, b))  # samples_per_epoch follows from tokens and seq_len
     moved = [(a, b) for a, b in pairs if a["samples"] != b["samples"]]
     if moved and saved["global_batch"] == current["global_batch"] and _shares(saved) != _shares(current):
-        for a, b in moved:
-            why = []
-            if a["weight"] != b["weight"]:
-                why.append(f"weight {a['weight']:.6g} -> {b['weight']:.6g}")
-            if saved["token_budget"] != current["token_budget"]:
-                why.append(f"mix.token_budget {saved['token_budget']:,} -> {current['token_budget']:,}")
-            out.append(f"source {a['name']!r} samples {a['samples']:,} -> {b['samples']:,} "
-                       f"({', '.join(why) or 'mix.token_budget or the weights changed?'})")
+        phrases = [f"source {a['name']!r} samples {a['samples']:,} -> {b['samples']:,}" +
+                   (f" (weight {a['weight']:.6g} -> {b['weight']:.6g})" if a["weight"] != b["weight"] else "")
+                   for a, b in moved]
+        if saved["token_budget"] != current["token_budget"]:
+            phrases[-1] += f" (mix.token_budget {saved['token_budget']:,} -> {current['token_budget']:,})"
+        elif all(a["weight"] == b["weight"] for a, b in moved):
+            phrases[-1] += " (mix.token_budget or the weights changed?)"
+        out.append(", ".join(phrases))
     return out
 
 
@@ -244,10 +244,10 @@ def check_compatible(info: CheckpointInfo, plan: dict, fingerprint: str, model: 
     if "plan" in meta:
         changes = plan_changes(meta["plan"], plan)
         if changes:
-            shown = ", ".join(changes[:4]) + (f", and {len(changes) - 4} more" if len(changes) > 4 else "")
+            shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
             raise CheckpointError(
-                f"{info.path}: step {info.step} was trained on a different plan: {shown}; re-run mix with the "
-                "original settings to resume, or start over with --fresh (or another train.dir)")
+                f"{info.path}: step {info.step} was trained on a different plan: {shown}; to resume, re-run mix with "
+                "the original settings, or start over with --fresh (or another train.dir)")
     else:
         if meta.get("fingerprint") != fingerprint:
             raise CheckpointError(

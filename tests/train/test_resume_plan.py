@@ -96,8 +96,10 @@ def test_another_token_budget_is_refused_in_one_line_naming_what_changed(run):
     with pytest.raises(TrainError) as e:
         prepare(_recipe(run, token_budget=125 * SEQ))
     was, now = before.source("web").samples, after.source("web").samples
-    _one_line(e, str(_ck(run)), "step 2 was trained on a different plan", f"source 'web' samples {was} -> {now}",
-              f"mix.token_budget {BUDGET:,} -> {125 * SEQ:,}", "source 'code' samples", "--fresh")
+    code = (before.source("code").samples, after.source("code").samples)
+    _one_line(e, f"{_ck(run)}: step 2 was trained on a different plan: source 'web' samples {was} -> {now}, "
+              f"source 'code' samples {code[0]} -> {code[1]} (mix.token_budget {BUDGET:,} -> {125 * SEQ:,}); "
+              "to resume, re-run mix with the original settings, or start over with --fresh")
     assert prepare(_recipe(run, token_budget=125 * SEQ), fresh=True).resume is None  # --fresh starts over
 
 
@@ -197,9 +199,11 @@ def test_plan_changes_name_every_stream_field(record):
 def test_plan_changes_follow_the_shares_of_a_batch_not_the_raw_counts(record):
     assert checkpoint.plan_changes(record, _shares(record, 7, 3)) == []  # 70:30 as 7:3: the same batches
     changes = checkpoint.plan_changes(record, _shares(record, 71, 29))
-    assert changes == ["source 'web' samples 70 -> 71 (mix.token_budget or the weights changed?)",
-                       "source 'code' samples 30 -> 29 (mix.token_budget or the weights changed?)"]
-    reweighted = _edited(_shares(record, 71, 29), lambda r: r["sources"][0].update(weight=0.71))
-    assert checkpoint.plan_changes(record, reweighted)[0] == "source 'web' samples 70 -> 71 (weight 0.7 -> 0.71)"
+    assert changes == [("source 'web' samples 70 -> 71, source 'code' samples 30 -> 29 "
+                        "(mix.token_budget or the weights changed?)")]
+    reweighted = _edited(_shares(record, 71, 29), lambda r: (r["sources"][0].update(weight=0.71),
+                                                            r["sources"][1].update(weight=0.29)))
+    assert checkpoint.plan_changes(record, reweighted) == [
+        "source 'web' samples 70 -> 71 (weight 0.7 -> 0.71), source 'code' samples 30 -> 29 (weight 0.3 -> 0.29)"]
     # a weight whose planned counts did not move changes no batch
     assert checkpoint.plan_changes(record, _edited(record, lambda r: r["sources"][0].update(weight=0.7001))) == []
