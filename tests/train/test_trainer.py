@@ -304,3 +304,29 @@ def test_metrics_are_cut_back_to_the_checkpoint_atomically(tmp_path):
     assert [orjson.loads(line) for line in path.read_bytes().splitlines()] == records[:2]
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
     assert truncate_after(str(tmp_path / "none.jsonl"), 3) == 0
+
+
+def test_only_logging_steps_read_values_back_from_the_device(run_dir, monkeypatch):
+    """On a GPU, reading a tensor's value on the host (item, tolist, float(), bool(), ...) waits for the
+    device: the training loop does it on logged steps only (1, 3 and 6 here), once for the loss and
+    gradient norm together. Counted on CPU by wrapping those methods for calls made from trainer.py."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    calls: list[tuple[str, str]] = []
+
+    def counting(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.endswith(os.path.join("train", "trainer.py")):
+                calls.append((name, caller.co_name))
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    train(_recipe(run_dir, dir="nosync", nproc=1, max_steps=6, log_every=3, eval_every=0, checkpoint_every=0))
+    hashed = [c for c in calls if c[1] == "row_digests"]  # the loader's host copy of each batch
+    assert hashed == [("numpy", "row_digests")] * 6
+    assert [c for c in calls if c[1] != "row_digests"] == [("tolist", "fit")] * 3
+    assert sorted(_by_step(read_metrics(Path(run_dir) / "nosync"))) == [1, 3, 6]
