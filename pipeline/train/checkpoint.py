@@ -245,9 +245,13 @@ def check_compatible(info: CheckpointInfo, plan: dict, fingerprint: str, model: 
         changes = plan_changes(meta["plan"], plan)
         if changes:
             shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+            batch = meta["plan"]["global_batch"]
+            undo = [f"set train.global_batch back to {batch}"] if batch != plan["global_batch"] else []
+            if len(changes) > len(undo):
+                undo.append("re-run mix with the original settings")
             raise CheckpointError(
-                f"{info.path}: step {info.step} was trained on a different plan: {shown}; to resume, re-run mix with "
-                "the original settings, or start over with --fresh (or another train.dir)")
+                f"{info.path}: step {info.step} was trained on a different plan: {shown}; to resume, "
+                f"{' and '.join(undo)}, or start over with --fresh (or another train.dir)")
     else:
         if meta.get("fingerprint") != fingerprint:
             raise CheckpointError(

@@ -134,6 +134,13 @@ def test_a_replanned_mixture_with_the_same_batches_resumes(run):
     assert plan.resume == str(_ck(run)) and plan.max_steps == 25
 
 
+def test_another_global_batch_is_refused(run):
+    with pytest.raises(TrainError) as e:
+        prepare(_recipe(run, global_batch=16))
+    _one_line(e, "different plan: train.global_batch 8 -> 16; to resume, set train.global_batch back to 8, or "
+                 "start over with --fresh")
+
+
 def test_another_seed_is_refused(run):
     _replan(run, seed=43)
     with pytest.raises(TrainError) as e:
