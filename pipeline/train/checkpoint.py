@@ -197,8 +197,9 @@ def _is_plan_record(rec) -> bool:
 
 def _shares(rec: dict) -> list[int]:
     """Each source's share of a global batch as mixing.py allocates it (in 1/PERIOD samples): the
-    planned counts matter to the stream only through these."""
-    return MixtureSchedule([s["samples"] for s in rec["sources"]], rec["global_batch"]).units
+    planned counts matter to the stream only through these (a plan of no sample has none)."""
+    planned = [s["samples"] for s in rec["sources"]]
+    return MixtureSchedule(planned, rec["global_batch"]).units if sum(planned) > 0 else []
 
 
 def _shards_phrase(a: dict, b: dict) -> str:
