@@ -286,8 +286,9 @@ def _json(obj) -> bytes:
     return json.dumps(obj, indent=2, ensure_ascii=False).encode() + b"\n"
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (a view of its storage)."""
+    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

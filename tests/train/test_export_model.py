@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import random
 import re
 from pathlib import Path
@@ -175,6 +176,9 @@ def test_hf_model_gives_the_trainers_logits(saved, exported):
     assert got.shape == want.shape == (3, SEQ, 320)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
+    _, loading = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(loading.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), loading
+
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vocab_size"] == 320 and cfg["tie_word_embeddings"] is False  # padded vocabulary, untied head
     assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (64, 176, 2)
@@ -269,6 +273,34 @@ def test_nothing_to_export_as_asked_is_exit_code_2(saved, tmp_path):
             export_hf(str(run), **kwargs)
         assert e.value.code == 2
     assert not (run / "other").exists() and not (run / "train" / "export" / "hf-step-4").exists()
+    with pytest.raises(ModelExportError, match="must be a local") as e:
+        export_hf("memory://run")
+    assert e.value.code == 2
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_unless_asked_for(saved, exported, tmp_path, caplog):
+    import shutil
+
+    run, _ = saved
+    root = run / "train" / "checkpoints"
+    damaged = root / "step-00000007"
+    shutil.copytree(root / f"step-{STEP:08d}", damaged)
+    try:
+        meta = json.loads((damaged / "meta.json").read_text())
+        (damaged / "meta.json").write_text(json.dumps({**meta, "step": 7}))
+        distcp = damaged / "__0_0.distcp"
+        with open(distcp, "r+b") as fh:
+            fh.truncate(distcp.stat().st_size // 2)
+        with caplog.at_level(logging.WARNING, logger="tinyprep"):
+            summary = export_hf(str(run), str(tmp_path / "older"))
+        assert summary["step"] == STEP and "__0_0.distcp is truncated" in caplog.text
+        assert (tmp_path / "older" / "model.safetensors").read_bytes() == \
+            (exported[0] / "model.safetensors").read_bytes()
+        with pytest.raises(ModelExportError, match="step-00000007: __0_0.distcp is truncated") as e:
+            export_hf(str(run), str(tmp_path / "asked"), step=7)
+        assert e.value.code == 1 and not (tmp_path / "asked").exists()
+    finally:
+        shutil.rmtree(damaged)
 
 
 def test_cli_errors_are_one_line(saved):
