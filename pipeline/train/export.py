@@ -29,7 +29,7 @@ SentencePiece model itself (its normalizer, dummy prefix and byte fallback), so 
 gives the SentencePiece model's ids, leading spaces included (its LlamaTokenizer collapses a
 leading space into the dummy prefix); it adds BOS when the run's documents start with one
 (manifest `bos`). As with any Hugging Face tokenizer, `<s>` written in the text is read as the
-special token.
+special token. No tokenizer.json is written (transformers before 5 needs one for that class).
 
 The safetensors file is written here (an 8-byte header length, a JSON header, the raw tensors,
 byte for byte what the format specifies), so exporting needs only torch; the same checkpoint gives
