@@ -62,7 +62,6 @@ from .model import Llama, LlamaConfig
 
 log = logging.getLogger("tinyprep")
 
-FORMATS = ("hf",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXPORT_INFO = "tinyprep-export.json"
 MODEL_FILE = "model.safetensors"
@@ -74,7 +73,7 @@ _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 class ModelExportError(Exception):
     """An export that cannot be done; the message names the file or option. `code` is the exit
     code: 2 when there is nothing to export as asked (no checkpoint, no such step, an output
-    directory in use), 1 when a file is damaged or unreadable."""
+    directory in use, no tokenizer with the manifest's hash), 1 when a file is damaged or unreadable."""
 
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
