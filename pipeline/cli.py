@@ -189,6 +189,35 @@ def export(run_dir: str, fmt: str, out: str, chunk_size: int, split: str, prefix
                    f"({s['tokens_dropped']:,} of the last partial chunk dropped)")
 
 
+@main.command("export-model")
+@click.argument("run_dir", metavar="RUN")
+@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True,
+              help="hf: a Hugging Face LlamaForCausalLM directory (safetensors, config, tokenizer).")
+@click.option("--step", type=click.IntRange(min=0), help="The checkpoint of this step (default: the newest usable).")
+@click.option("--out", metavar="DIR", help="Output directory (default: RUN/<train-dir>/export/hf-step-N).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Precision of the exported weights.")
+@click.option("--train-dir", default="train", show_default=True, metavar="DIR",
+              help="The run's train.dir (where `tinyprep train` put its checkpoints).")
+@click.option("--tokenizer", metavar="PATH", help="The run's tokenizer.model, checked by hash (default: the one "
+              "manifest.json names, else RUN/assets/tokenizer.model).")
+@click.option("--force", is_flag=True, help="Write into a non-empty --out, replacing the files an export writes.")
+def export_model(run_dir: str, fmt: str, step: int | None, out: str | None, dtype: str, train_dir: str,
+                 tokenizer: str | None, force: bool) -> None:
+    """Export a training checkpoint as a model another framework loads (hf: Hugging Face Llama).
+
+    Reads the DCP checkpoint in this process on CPU, whatever number of ranks saved it.
+    """
+    from .train.export import ModelExportError, export_hf
+
+    try:
+        s = export_hf(run_dir, out, step, dtype, train_dir, tokenizer, force)
+    except ModelExportError as e:
+        _fail(str(e), e.code)
+    click.echo(f"{s['out']}: {fmt} export of step {s['step']} ({s['parameters'] / 1e6:,.1f}M parameters, "
+               f"{s['dtype']}, tokenizer sha256 {s['tokenizer']['sha256'][:12]})")
+
+
 @main.command()
 @click.argument("run_dir", metavar="RUN")
 @click.option("--tokenizer", metavar="PATH", help="Check against this model (default: the run's recipe's).")

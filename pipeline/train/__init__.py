@@ -16,6 +16,8 @@ One job per module (torchtitan's layout):
     metrics.py      metrics.jsonl and console lines, MFU
     distributed.py  process groups and launching ranks (or joining torchrun's)
     trainer.py      prepare, launch, the training loop, validation
+    export.py       a checkpoint as a Hugging Face Llama (`tinyprep export-model`): DCP read in one
+                    process, names, RoPE layout, config, safetensors, the run's tokenizer
 
 Runs of synthetic tokens for its tests and the loader benchmark are built by tests/synthetic.py.
 """
