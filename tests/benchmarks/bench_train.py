@@ -139,12 +139,13 @@ def _rank(env, plan, args, out_path: str) -> None:
             torch.cuda.synchronize(env.device)
 
     trainer = Trainer(env, plan)
-    baseline = base_batches = None
-    if not cuda and env.world == 1:
-        baseline = Baseline(plan)
-        base_batches = iter(MixtureLoader(plan.run_url, plan.manifest, plan.mixture, plan.cfg.global_batch))
-    batches = iter(trainer.loader)
+    baseline = base_loader = base_batches = None
     try:
+        if not cuda and env.world == 1:
+            baseline = Baseline(plan)
+            base_loader = MixtureLoader(plan.run_url, plan.manifest, plan.mixture, plan.cfg.global_batch)
+            base_batches = iter(base_loader)
+        batches = iter(trainer.loader)
         t = time.perf_counter()
         for _ in range(args.warmup):
             trainer_step(trainer, batches)
@@ -204,6 +205,8 @@ def _rank(env, plan, args, out_path: str) -> None:
         Path(out_path).write_text(json.dumps(result))
     finally:
         trainer.close()
+        if base_loader is not None:
+            base_loader.shards.close()
 
 
 def report(r: dict) -> None:
