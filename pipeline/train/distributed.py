@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -43,12 +44,133 @@ def under_launcher() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
+class DeviceError(RuntimeError):
+    """The GPUs asked for (or present) cannot be used by this torch; the message says what to install."""
+
+
+NVIDIA_SMI_TIMEOUT = 5.0  # seconds; a driver in a bad state can make nvidia-smi hang
+TORCH_INDEX = "https://download.pytorch.org/whl"
+# torch 2.13's CUDA builds and the oldest driver branch each runs on (CUDA minor version
+# compatibility: 12.x runs on drivers >= 525, 13.x on >= 580). PyPI's Linux x86_64 wheel is cu130.
+CUDA_BUILDS = (("cu130", 13, 580), ("cu126", 12, 525))
+
+
 def pick_device(preference: str) -> str:
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is cuda but no GPU is visible")
-    if preference == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return preference
+    """"cpu" or "cuda" for train.device (auto, cpu, cuda). DeviceError when cuda is asked for and
+    torch sees no GPU, or when auto finds GPUs on the machine (nvidia-smi) that torch cannot use:
+    training on CPU there would be quietly thousands of times slower."""
+    if preference == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    gpus = nvidia_gpus()
+    if preference == "cuda":
+        raise DeviceError(f"train.device is cuda but {torch_build()} sees no GPU: {_why_no_gpu(gpus)}; "
+                          "or set train.device: cpu to train on CPU")
+    if not gpus or _gpus_hidden():
+        return "cpu"
+    raise DeviceError(f"nvidia-smi lists {_count(gpus)} but {torch_build()} cannot use them: {_why_no_gpu(gpus)}; "
+                      "or set train.device: cpu to train on CPU anyway")
+
+
+def torch_build() -> str:
+    """torch's version and the CUDA it was built for, e.g. "torch 2.13.0 (CUDA 13.0 build)"."""
+    if torch.version.cuda:
+        build = f"CUDA {torch.version.cuda} build"
+    elif getattr(torch.version, "hip", None):
+        build = f"ROCm {torch.version.hip} build"
+    else:
+        build = "CPU-only build"
+    return f"torch {torch.__version__} ({build})"
+
+
+def nvidia_smi(*args: str) -> str | None:
+    """stdout of `nvidia-smi ARGS`; None when it is not on PATH, fails, or runs past
+    NVIDIA_SMI_TIMEOUT (it is killed, with anything it started)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        p = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    except OSError:
+        return None
+    try:
+        out, _ = p.communicate(timeout=NVIDIA_SMI_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        p.stdout.close()
+        try:  # a process stuck in the kernel outlives SIGKILL: do not wait for it
+            p.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+        return None
+    return out if p.returncode == 0 else None
+
+
+def nvidia_gpus() -> list[str]:
+    """The GPUs the NVIDIA driver lists (`nvidia-smi -L`: "GPU 0: NVIDIA H100 80GB HBM3 (UUID: ...)"),
+    as their names; [] without nvidia-smi or when it fails."""
+    out = nvidia_smi("-L") or ""
+    return [m[1].strip() for m in re.finditer(r"^GPU \d+: (.*?)(?: \(UUID: [^)]*\))?\s*$", out, re.MULTILINE)]
+
+
+def driver_versions() -> tuple[str | None, str | None]:
+    """The driver's version and the newest CUDA it runs, from the `nvidia-smi` banner
+    ("Driver Version: 550.54.15   CUDA Version: 12.4"); None for what it does not say."""
+    out = nvidia_smi() or ""
+    driver = re.search(r"Driver Version:\s*([\d.]+)", out)
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", out)
+    return (driver[1] if driver else None), (cuda[1] if cuda else None)
+
+
+def _count(gpus: list[str]) -> str:
+    names = sorted(set(gpus))
+    return f"{len(gpus)} GPU{'s' if len(gpus) > 1 else ''} ({', '.join(names)})"
+
+
+def _gpus_hidden() -> bool:
+    """CUDA_VISIBLE_DEVICES set to nothing: GPUs hidden on purpose, so auto means CPU."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return value is not None and value.strip() in ("", "-1")
+
+
+def _release() -> str:
+    return torch.__version__.split("+")[0]
+
+
+def _install(build: str) -> str:
+    return f"pip install 'torch=={_release()}+{build}' --extra-index-url {TORCH_INDEX}/{build}"
+
+
+def _why_no_gpu(gpus: list[str]) -> str:
+    """Why torch sees none of the GPUs, and what to install, as the middle of a one-line error."""
+    if not gpus:
+        if torch.version.cuda:
+            return "nvidia-smi lists none (no NVIDIA GPU or driver on this machine)"
+        return f"nvidia-smi lists none, and this torch has no CUDA: on a GPU machine install a CUDA build ({_install('cu130')})"
+    driver, cuda = driver_versions()
+    facts = [x for x in (driver and f"driver {driver}", cuda and f"runs CUDA <= {cuda}") if x]
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        facts.append(f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}")
+    about = f" ({', '.join(facts)})" if facts else ""
+    if cuda is None:
+        return (f"install the torch build the NVIDIA driver runs{about}: {_install('cu130')} for drivers >= 580 "
+                f"(CUDA 13), {_install('cu126')} for drivers >= 525 (CUDA 12)")
+    major = int(cuda.split(".")[0])
+    build = next((name for name, cuda_major, _ in CUDA_BUILDS if cuda_major <= major), None)
+    if build is None:
+        return (f"the NVIDIA driver{about} is too old for torch {_release()}: upgrade it to "
+                f"{CUDA_BUILDS[-1][2]} or newer")
+    if torch.version.cuda and int(torch.version.cuda.split(".")[0]) <= major:
+        return f"the driver{about} runs this build: check the GPUs with `nvidia-smi` and CUDA_VISIBLE_DEVICES"
+    return f"install the build this driver runs{about}: {_install(build)}"
 
 
 def default_nproc(device: str) -> int:

@@ -32,6 +32,7 @@ from ..layout import as_run
 from ..recipe import Recipe, TrainConfig
 from . import checkpoint, preflight
 from .distributed import (
+    DeviceError,
     DistEnv,
     RankFailed,
     default_nproc,
@@ -79,7 +80,10 @@ def prepare(recipe: Recipe, nproc: int | None = None, fresh: bool = False) -> Tr
         preflight.check_recipe(recipe, manifest, mixture)
     except FormatError as e:
         raise TrainError(str(e)) from None
-    device = pick_device(cfg.device)
+    try:
+        device = pick_device(cfg.device)
+    except DeviceError as e:
+        raise TrainError(str(e)) from None
     if under_launcher():
         world = int(os.environ["WORLD_SIZE"])
         nproc = int(os.environ.get("LOCAL_WORLD_SIZE", world))
