@@ -154,3 +154,35 @@ def test_recipe_key():
     assert parse_recipe({**base, "train": {"attention": "flex"}}).train.attention == "flex"
     with pytest.raises(RecipeError, match="train.attention"):
         parse_recipe({**base, "train": {"attention": "xformers"}})
+
+
+def test_the_block_mask_passes_through_fsdp_and_its_bf16_input_casting(tmp_path):
+    """The trainer's model: FSDP2 per block and at the root, bf16 parameters (its forward-input
+    cast walks the BlockMask), activation checkpointing; flex gives sdpa's logits."""
+    from pipeline.train.distributed import launch
+    from pipeline.train.parallelize import build_model
+
+    out = str(tmp_path / "logits.pt")
+    tokens = _packed([[100, 90, 110], [300]], seed=6)
+    ids = document_ids(tokens, bos_id=BOS, eos_id=None)
+
+    def worker(env, out):
+        cfg = model_config("tiny", vocab_size=200, max_seq_len=300)
+        logits = {}
+        for bf16 in (False, True):
+            m = build_model(cfg, env.device, env.world, seed=3, bf16=bf16, activation_checkpointing=True)
+            with torch.no_grad():
+                for kind in ("sdpa", "flex"):
+                    m.attention = kind
+                    logits[bf16, kind] = m(tokens, ids).float()
+        torch.save(logits, out)
+
+    launch(worker, (out,), 1, "cpu")  # one rank, in this process
+    logits = torch.load(out)
+    with torch.no_grad():
+        plain = _tiny(max_seq_len=300)(tokens, ids)  # the same initialization, without FSDP
+    torch.testing.assert_close(logits[False, "sdpa"], plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[False, "flex"], plain, rtol=1e-5, atol=1e-5)
+    flex, sdpa = logits[True, "flex"], logits[True, "sdpa"]
+    assert ((flex - sdpa).norm() / sdpa.norm()).item() < 1e-2  # bf16 rounding, not another mask
+    assert ((flex - plain).norm() / plain.norm()).item() < 2e-2
