@@ -341,6 +341,9 @@ class TrainConfig(_Model):
     activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
     compile: bool = Field(False, description="torch.compile each block")
     doc_mask: bool = Field(False, description="attend only within a document (needs tokenize.bos or tokenize.eos)")
+    attention: Literal["auto", "sdpa", "flex"] = Field(
+        "auto", description="how doc_mask is applied: flex (FlexAttention's block-sparse kernel, compiled; CUDA "
+        "only), sdpa (a dense seq_len^2 mask, no flash kernel); auto: flex on CUDA, sdpa on CPU")
     eval_every: int = Field(1000, ge=0, description="steps between validation losses on the holdout (0: never)")
     eval_samples: int = Field(64, ge=0, description="holdout samples per source in a validation")
     log_every: int = Field(10, gt=0, description="steps between metrics lines (console and RUN/<dir>/metrics.jsonl)")

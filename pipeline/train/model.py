@@ -8,10 +8,25 @@ linear weights ~ N(0, sqrt(2 / (5 d))); the residual output projections (attenti
 ~ N(0, 1 / sqrt(d) / n_layer); norm weights 1. Every tensor is drawn from a generator seeded by
 (seed, parameter name) over its full shape, so a model starts the same on any number of ranks
 (sharded parameters copy their own slice of the full draw).
+
+Document masking (`doc_mask`): a token attends to the earlier tokens of its own document only.
+Positions stay the row's: a packed document keeps the RoPE positions of its place in the row (they
+do not restart at 0), which, RoPE being relative, gives the document's attention alone up to
+rounding. Two ways to apply the mask, chosen by `Llama.attention`:
+
+    sdpa  a dense (B, 1, T, T) boolean mask for scaled_dot_product_attention: any device, but T^2
+          memory per row and no flash kernel (the default, and the only way on CPU)
+    flex  a BlockMask for FlexAttention, built once per forward from the document ids and shared
+          by every layer: blocks of 128 x 128 positions wholly outside the mask are skipped, and on
+          CUDA the kernel is torch.compile'd (once per process, as torchtitan does). PyTorch has no
+          FlexAttention backward on CPU: there it serves forward passes only (validation, tests).
+
+Without document ids attention is plain causal SDPA (its flash kernel on GPU) either way.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, replace
@@ -20,6 +35,13 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.attention.flex_attention import (
+    BlockMask,
+    create_block_mask,
+    flex_attention,
+)
+
+ATTENTION = ("sdpa", "flex")
 
 
 @dataclass(frozen=True)
@@ -106,6 +128,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+def attention_kind(choice: str, device: torch.device | str, doc_mask: bool) -> str:
+    """The attention for a document mask: "auto" is flex with doc_mask on CUDA, sdpa otherwise.
+    ValueError for flex on a device where FlexAttention cannot train (no backward on CPU)."""
+    device_type = torch.device(device).type
+    if choice == "auto":
+        return "flex" if doc_mask and device_type == "cuda" else "sdpa"
+    if choice not in ATTENTION:
+        raise ValueError(f"unknown attention {choice!r} (known: auto, {', '.join(ATTENTION)})")
+    if choice == "flex" and device_type == "cpu":
+        raise ValueError("flex attention cannot train on CPU (PyTorch's FlexAttention has no CPU backward); "
+                         "use sdpa or auto")
+    return choice
+
+
+@functools.cache
+def _compiled(fn):
+    """fn under torch.compile, made once per process: every layer and micro-batch shares one
+    compiled kernel (recompiled only for a new shape)."""
+    return torch.compile(fn)
+
+
+def document_mask(doc_ids: torch.Tensor, kind: str = "sdpa") -> torch.Tensor | BlockMask:
+    """The mask of "attend to earlier tokens of the same document" for document ids (B, T):
+    dense (B, 1, T, T) booleans for sdpa, a BlockMask (B, 1, T, T) for flex."""
+    b, t = doc_ids.shape
+    if kind == "sdpa":
+        causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+        return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+    if kind != "flex":
+        raise ValueError(f"unknown attention {kind!r} (known: {', '.join(ATTENTION)})")
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+    build = _compiled(create_block_mask) if doc_ids.is_cuda else create_block_mask
+    return build(same_document_causal, b, None, t, t, device=doc_ids.device)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -115,7 +175,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask: torch.Tensor | BlockMask | None) -> torch.Tensor:
+        """mask: None (causal), a dense boolean mask (SDPA) or a BlockMask (FlexAttention)."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -123,6 +184,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif isinstance(mask, BlockMask):
+            flex = _compiled(flex_attention) if q.is_cuda else flex_attention
+            y = flex(q, k, v, block_mask=mask, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
@@ -160,6 +224,8 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
+    attention = "sdpa"  # how a document mask is applied: "sdpa" (dense mask) or "flex" (BlockMask)
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
@@ -173,16 +239,13 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T). With doc_ids (B, T), a token attends only to
-        earlier tokens of its own document (block-diagonal causal mask)."""
+        earlier tokens of its own document (block-diagonal causal mask, built once for all layers);
+        positions are the row's either way (see the module doc)."""
         t = idx.shape[1]
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
-        mask = None
-        if doc_ids is not None:
-            causal = torch.ones(t, t, dtype=torch.bool, device=idx.device).tril()
-            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal  # (B, T, T)
-            mask = mask[:, None]
+        mask = None if doc_ids is None else document_mask(doc_ids, self.attention)
         x = self.tok_emb(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)

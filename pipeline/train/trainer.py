@@ -9,6 +9,9 @@
 A step: the rank's slice of the global batch in micro-batches (gradient accumulation), each
 micro-batch's mean token loss scaled by 1 / micro-batches, FSDP2 averaging over ranks, so the
 gradient is the mean over the global batch whatever the world size; clip, AdamW, next lr.
+Gradients are reduce-scattered once per step, after the last micro-batch's backward: the earlier
+ones accumulate unsharded (fp32) gradients locally, trading a full gradient's memory for
+(micro-batches - 1) fewer collectives per FSDP group.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from .distributed import (
 )
 from .loader import HoldoutSet, MixtureLoader, check_world
 from .metrics import MetricsLog, peak_flops, truncate_after
-from .model import LlamaConfig, model_config
+from .model import LlamaConfig, attention_kind, model_config
 from .parallelize import build_model
 from .schedule import learning_rate
 
@@ -84,6 +87,10 @@ def prepare(recipe: Recipe, nproc: int | None = None, fresh: bool = False) -> Tr
         device = pick_device(cfg.device)
     except DeviceError as e:
         raise TrainError(str(e)) from None
+    try:
+        attention_kind(cfg.attention, device, cfg.doc_mask)
+    except ValueError as e:
+        raise TrainError(f"train.attention: {e}") from None
     if under_launcher():
         world = int(os.environ["WORLD_SIZE"])
         nproc = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -247,6 +254,10 @@ class Trainer:
                 self.holdout = None
         tok = plan.manifest.tokenizer
         self.doc_ids = None
+        try:
+            self.model.attention = attention_kind(cfg.attention, env.device, cfg.doc_mask)
+        except ValueError as e:
+            raise TrainError(f"train.attention: {e}") from None
         if cfg.doc_mask:
             bos = tok.bos_id if plan.manifest.bos else None
             eos = tok.eos_id if plan.manifest.eos else None
@@ -260,10 +271,12 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------------
     def forward_backward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Gradients of the mean loss over this rank's rows (accumulated over micro-batches);
-        returns that mean loss (a detached scalar tensor)."""
+        returns that mean loss (a detached scalar tensor). Only the last micro-batch's backward
+        reduce-scatters (FSDP2 keeps the earlier ones' gradients unsharded until then)."""
         mb = self.cfg.micro_batch
         total = torch.zeros((), device=self.env.device)
         for i in range(self.accum):
+            self.model.set_requires_gradient_sync(i == self.accum - 1)
             part = tokens[i * mb:(i + 1) * mb].to(self.env.device, non_blocking=True)
             loss = lm_loss(self.model, part, self.doc_ids) / self.accum
             loss.backward()
