@@ -437,6 +437,44 @@ def test_output_is_byte_identical_across_runs(tmp_path):
     assert not list((tmp_path / "r1" / "run" / "docs").rglob("*.tmp-*"))
 
 
+@pytest.mark.parametrize("codec", [{"parquet_compression": "zstd", "parquet_compression_level": -5},
+                                   {"parquet_compression": "zstd", "parquet_compression_level": 3},
+                                   {"parquet_compression": "lz4_raw"}, {"parquet_compression": "snappy"},
+                                   {"parquet_compression": "none"}])
+def test_every_codec_writes_the_same_documents(tmp_path, codec):
+    rng = random.Random(5)
+    recs = [slim_record(" ".join(rng.choice(["alpha", "beta", "γάμμα", "e\u0301", "“q”"]) for _ in range(80)),
+                        rng.choice(SETS)) for _ in range(300)]
+    write(tmp_path / "in" / "a.jsonl.zst", zst(jsonl(recs)))
+    src = {"urls": [str(tmp_path / "in" / "*.jsonl.zst")], "subset": "meta.redpajama_set_name",
+           "metadata": ["meta.redpajama_set_name"]}
+    _, (ref,), _ = run_all(make_recipe(tmp_path / "ref", [dict(src)], rows_per_group=100))
+    _, (res,), _ = run_all(make_recipe(tmp_path / "codec", [dict(src)], rows_per_group=100, **codec))
+    assert pq.read_table(res.outputs[0]).equals(pq.read_table(ref.outputs[0]))
+    md = pq.ParquetFile(res.outputs[0]).metadata
+    text = md.schema.names.index("text")
+    expected = {"zstd": "ZSTD", "lz4_raw": "LZ4", "snappy": "SNAPPY", "none": "UNCOMPRESSED"}  # pyarrow's names
+    assert {md.row_group(i).column(text).compression for i in range(md.num_row_groups)} == {
+        expected[codec["parquet_compression"]]}
+    ref_md = pq.ParquetFile(ref.outputs[0]).metadata
+    assert ref_md.row_group(0).column(text).compression == "ZSTD"  # the default
+    size = Path(res.outputs[0]).stat().st_size
+    if codec.get("parquet_compression_level") == 3:
+        assert size < Path(ref.outputs[0]).stat().st_size  # level 3 compresses more than the default 1
+    if codec["parquet_compression"] == "none":
+        assert size > sum(len(r["text"].encode()) for r in recs)
+
+
+def test_compression_level_is_for_zstd_only(tmp_path):
+    from pipeline.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"ingest.*parquet_compression_level is a zstd level; .*'snappy'"):
+        make_recipe(tmp_path, [{"urls": ["x.jsonl"]}], parquet_compression="snappy", parquet_compression_level=3)
+    with pytest.raises(RecipeError, match=r"ingest\.parquet_compression_level"):
+        make_recipe(tmp_path, [{"urls": ["x.jsonl"]}], parquet_compression_level=23)
+    assert make_recipe(tmp_path, [{"urls": ["x.jsonl"]}], parquet_compression_level=-7).ingest.parquet_compression_level == -7
+
+
 def test_plan_formats_and_fingerprints(tmp_path):
     write(tmp_path / "in" / "a.jsonl.zst", zst(jsonl([slim_record(LONG)])))
     base = {"urls": [str(tmp_path / "in" / "*")], "weight": 0.5}
@@ -445,7 +483,10 @@ def test_plan_formats_and_fingerprints(tmp_path):
     ref = fp()
     assert fp({"weight": 0.7}) == ref and fp(max_errors=5) == ref and fp(report_issues=3) == ref
     assert fp(max_document_bytes=100) != ref and fp(rows_per_group=10) != ref
-    assert fp(parquet_compression="snappy") != ref and fp({"min_chars": 10}) != ref
+    assert fp({"min_chars": 10}) != ref
+    # the codec encodes the same documents: changing it redoes nothing (nor dedup, tokenize after it)
+    assert fp(parquet_compression="snappy") == ref == fp(parquet_compression="none")
+    assert fp(parquet_compression="zstd", parquet_compression_level=-5) == ref
     write(tmp_path / "in2" / "b.txt", b"hello")
     with pytest.raises(ingest.IngestError, match="b.txt"):
         ingest.stage.plan(make_recipe(tmp_path / "x", [{"urls": [str(tmp_path / "in2" / "*")]}]), RunDir(str(tmp_path / "x")))
