@@ -125,7 +125,7 @@ class Ingestion:
         subs, subset_vals = self._subsets(column)
         # ASCII texts stay str (their length is their UTF-8 size); others are encoded once, and
         # the bytes go to the parquet writer as they are.
-        U = [t if t.isascii() else t.encode("utf-8", "surrogatepass") for t in T]
+        U = [t if t.isascii() else t.encode() for t in T]
         blen = list(map(len, U))
         alive = list(range(n))
         self.counts.add(subs, alive, "read")
