@@ -19,7 +19,8 @@ The docstrings (1.6 MB) are drawn in shuffled rounds, each once per round, and e
 rotates the ASCII letters by its own amount (rot-N, N = round mod 26): the text of a round
 keeps the statistics of prose, and no codec window finds it again in the next round. So the
 sizes written (`written`: parquet bytes per byte of text kept) are those of prose-like text,
-not of the same documents repeated.
+not of the same documents repeated. After each pass the text column of the documents is read
+back (`read`: MB of text per CPU-second, as dedup and tokenize read it; not part of the pass).
 
 Speeds are MB of document text per CPU-second of this process (`time.process_time`, all
 threads and the kernel's work for the process counted), i.e. per core; best of `--runs`.
@@ -199,6 +200,16 @@ def docs_bytes(run_dir: str) -> int:
     return sum(p.stat().st_size for p in Path(RunDir(run_dir).docs_root()).rglob("*.parquet"))
 
 
+def read_back(run_dir: str) -> int:
+    """Read the text column of every documents parquet a pass wrote, as dedup and tokenize do."""
+    import pyarrow.parquet as pq
+
+    from pipeline.layout import RunDir
+
+    return sum(pq.read_table(p, columns=["text"], use_threads=False).num_rows
+               for p in sorted(Path(RunDir(run_dir).docs_root()).rglob("*.parquet")))
+
+
 def clear_outputs(run_dir: str) -> None:
     """Remove the documents and completion records of a pass, so that the next one redoes every task."""
     from pipeline.layout import RunDir
@@ -234,6 +245,7 @@ def run_benchmark(mb: float = 30, files: int = 4, runs: int = 3, corpus: str | N
 
         floor_name = "floor (zstd + orjson.loads)"
         jobs = {floor_name: (lambda: floor_pass(paths), None)}
+        run_dirs: dict[str, str] = {}
         for codec in codecs:
             run_dir = os.path.join(tmp, f"run-{codec.replace(':', '_')}")
             recipe = make_recipe(corpus, run_dir, codec)
@@ -246,6 +258,7 @@ def run_benchmark(mb: float = 30, files: int = 4, runs: int = 3, corpus: str | N
                 pstats.Stats(prof).sort_stats(profile).print_stats(35)
             # outputs and records are removed before each run (untimed): replacing a file would
             # time its deletion, and a completed record would skip its task
+            run_dirs[f"ingest ({codec})"] = run_dir
             jobs[f"ingest ({codec})"] = (
                 lambda recipe=recipe, run_dir=run_dir: ingest_pass(recipe, run_dir),
                 lambda run_dir=run_dir: clear_outputs(run_dir))
@@ -261,8 +274,10 @@ def run_benchmark(mb: float = 30, files: int = 4, runs: int = 3, corpus: str | N
                 if isinstance(out, dict):
                     row.update(docs=out["docs"], kept=out["kept"], written=out["written"] / out["bytes_kept"])
                     text_bytes = out["bytes"]
+                    read_cpu, _, _ = _timed(lambda: read_back(run_dirs[name]))
+                    row["read_mb_per_s"] = max(row.get("read_mb_per_s", 0.0), out["bytes_kept"] / 1e6 / read_cpu)
                 else:
-                    row.update(docs=out, kept=None, written=None)
+                    row.update(docs=out, kept=None, written=None, read_mb_per_s=None)
         floor_speed = text_bytes / 1e6 / rows[floor_name]["cpu_s"]
         for row in rows.values():
             row["mb_per_s_per_core"] = text_bytes / 1e6 / row["cpu_s"]
@@ -276,16 +291,18 @@ def run_benchmark(mb: float = 30, files: int = 4, runs: int = 3, corpus: str | N
 def format_table(res: dict) -> str:
     head = (f"text: {res['text_mb']:.1f} MB in {res['corpus']['files']} jsonl.zst files "
             f"({res['corpus']['compressed_bytes'] / 1e6:.1f} MB compressed); best of {res['runs']}; "
-            "MB/s = MB of text per CPU-second; written = parquet bytes per byte of text kept")
+            "MB/s = MB of text per CPU-second; written = parquet bytes per byte of text kept; "
+            "read = MB/s per core reading the text column back")
     columns = " ".join([f"{'':30s}", *(f"{c:>{w}s}" for c, w in (("MB/s/core", 10), ("ratio", 7), ("cpu s", 7),
                                                                   ("wall s", 7), ("docs", 7), ("kept", 7),
-                                                                  ("written", 8)))])
+                                                                  ("written", 8), ("read", 7)))])
     lines = [head, columns]
     for name, r in res["rows"].items():
         kept = "" if r["kept"] is None else r["kept"]
         written = "" if r["written"] is None else f"{r['written']:.3f}"
+        read = "" if r["read_mb_per_s"] is None else f"{r['read_mb_per_s']:.0f}"
         lines.append(f"{name:30s} {r['mb_per_s_per_core']:10.1f} {r['ratio_to_floor']:7.2f} {r['cpu_s']:7.3f} "
-                     f"{r['wall_s']:7.3f} {r['docs']:7d} {kept:>7} {written:>8s}")
+                     f"{r['wall_s']:7.3f} {r['docs']:7d} {kept:>7} {written:>8s} {read:>7s}")
     return "\n".join(lines)
 
 
