@@ -219,6 +219,54 @@ def clear_outputs(run_dir: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def breakdown(corpus: str, run_dir: str, codec: str = "zstd", runs: int = 5) -> dict:
+    """CPU ms of one ingest pass, and of its parts (best pass of `runs`): the functions below are
+    timed in place (each is called a few times per batch, so the timers cost nothing to speak of).
+
+    read: the task less its steps and its writing (decompression, parsing, line splitting, fields).
+    """
+    from pipeline.ingest import counts, steps, task, writer
+
+    spent: dict[str, float] = {}
+    targets = [(steps, n, n) for n in ("readable", "selection", "too_large", "nfc", "short", "empty")]
+    targets += [(task.Ingestion, "run", "task"), (task.Ingestion, "add", "steps (all)"),
+                (writer.DocsWriter, "close", "write (close)"), (writer.DocsWriter, "add", "write (add)"),
+                (counts.Counts, "add", "counters")]
+    saved = []
+    for owner, attr, label in targets:
+        fn = getattr(owner, attr)
+        saved.append((owner, attr, fn))
+
+        def timed(*a, _fn=fn, _label=label, **k):
+            c0 = time.process_time()
+            try:
+                return _fn(*a, **k)
+            finally:
+                spent[_label] = spent.get(_label, 0.0) + time.process_time() - c0
+
+        setattr(owner, attr, timed)
+    try:
+        recipe = make_recipe(corpus, run_dir, codec)
+        best: tuple[float, dict] | None = None
+        for _ in range(runs):
+            clear_outputs(run_dir)
+            spent.clear()
+            cpu, _, _ = _timed(lambda: ingest_pass(recipe, run_dir))
+            if best is None or cpu < best[0]:
+                best = (cpu, dict(spent))
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+    cpu, parts = best
+    # the writer's add runs inside the steps' add: the steps own what is left
+    parts["steps (all)"] -= parts.get("write (add)", 0.0)
+    parts["read"] = parts["task"] - parts["steps (all)"] - parts.get("write (add)", 0.0) - parts["write (close)"]
+    parts["stage (plan, records, fsync)"] = cpu - parts.pop("task")
+    floor = min(_timed(lambda: floor_pass(corpus_files(corpus)))[0] for _ in range(runs))
+    return {"codec": codec, "total_ms": cpu * 1e3, "floor_ms": floor * 1e3,
+            "parts_ms": {k: round(v * 1e3, 1) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}}
+
+
 def _timed(fn) -> tuple[float, float, object]:
     w0, c0 = time.perf_counter(), time.process_time()
     out = fn()
@@ -274,7 +322,7 @@ def run_benchmark(mb: float = 30, files: int = 4, runs: int = 3, corpus: str | N
                 if isinstance(out, dict):
                     row.update(docs=out["docs"], kept=out["kept"], written=out["written"] / out["bytes_kept"])
                     text_bytes = out["bytes"]
-                    read_cpu, _, _ = _timed(lambda: read_back(run_dirs[name]))
+                    read_cpu, _, _ = _timed(lambda name=name: read_back(run_dirs[name]))
                     row["read_mb_per_s"] = max(row.get("read_mb_per_s", 0.0), out["bytes_kept"] / 1e6 / read_cpu)
                 else:
                     row.update(docs=out, kept=None, written=None, read_mb_per_s=None)
@@ -315,10 +363,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", nargs="?", const="tottime", help="print a cProfile of one ingest pass (sort key)")
     ap.add_argument("--codecs", default="zstd,none",
                     help=f"output codecs, comma-separated (zstd, zstd:LEVEL, lz4_raw, snappy, none; all: {','.join(CODECS_ALL)})")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="instead: CPU ms of one ingest pass per codec, by part (read, steps, write, stage)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     codecs = CODECS_ALL if args.codecs == "all" else tuple(c.strip() for c in args.codecs.split(",") if c.strip())
+    if args.breakdown:
+        with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp:
+            corpus = args.corpus or os.path.join(tmp, "corpus")
+            if not args.corpus:
+                generate_corpus(corpus, mb=args.mb, files=args.files)
+            for codec in codecs:
+                b = breakdown(corpus, os.path.join(tmp, f"run-{codec.replace(':', '_')}"), codec, max(args.runs, 5))
+                print(f"{codec}: total {b['total_ms']:.0f} ms (floor {b['floor_ms']:.0f} ms): "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in b["parts_ms"].items()))
+        return 0
     res = run_benchmark(args.mb, args.files, args.runs, args.corpus, profile=args.profile, codecs=codecs)
     if args.json:
         import json
