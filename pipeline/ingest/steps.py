@@ -90,6 +90,7 @@ def nfc(T: list[str], U: list, blen: list[int], alive: list[int]) -> None:
         u = U[p]
         if type(u) is bytes:
             rest = u.translate(None, ascii_bytes)  # the UTF-8 of its non-ASCII characters
+            # (texts mostly non-ASCII go straight to the quick check)
             if len(rest) << 2 < len(u) and inert(rest.decode()) is not None:
                 continue
             t = normalize("NFC", T[p])
@@ -106,9 +107,10 @@ def nfc(T: list[str], U: list, blen: list[int], alive: list[int]) -> None:
 # characters that NFC leaves alone whatever surrounds them: canonical combining class 0, their
 # own NFC, and never the second character of a canonical composition (those are combining
 # marks, a few vowel signs and length marks of Indic and other scripts, and Hangul vowel and
-# trailing jamo, none in the blocks below). A text of ASCII and such characters is in NFC, so
-# `nfc` checks only its non-ASCII characters, whose UTF-8 is what remains once the ASCII bytes
-# are deleted (a fast bytes.translate), instead of running the quick check on every character.
+# trailing jamo: none is in the blocks below, as tests/ingest checks against every canonical
+# decomposition). A text of ASCII and such characters is in NFC, so `nfc` checks only its
+# non-ASCII characters, whose UTF-8 is what remains once the ASCII bytes are deleted (a fast
+# bytes.translate), instead of running the quick check on every character.
 
 _ASCII_BYTES = bytes(range(0x80))
 _INERT_BLOCKS = (  # Unicode blocks of common text; their characters are checked one by one below

@@ -147,7 +147,7 @@ class DocsWriter:
                     subset_col,
                     pa.repeat(pa.scalar(self.rel_path, pa.string()), k),
                     pa.array(rows, pa.int64()),
-                    pa.array(texts, pa.large_binary()).view(pa.large_string()),  # UTF-8 already
+                    pa.array(texts, pa.large_binary()).view(pa.large_string()),  # valid UTF-8 (task.py)
                     meta_col,
                 ],
                 schema=SCHEMA,
