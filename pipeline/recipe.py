@@ -68,7 +68,12 @@ class IngestConfig(_Model):
     max_document_bytes: int = Field(
         16 << 20, gt=0, description="larger documents are dropped (filtered: too_large) and reported"
     )
-    parquet_compression: Literal["zstd", "snappy", "none"] = "zstd"
+    parquet_compression: Literal["zstd", "lz4_raw", "snappy", "none"] = Field(
+        "zstd", description="codec of the documents parquet (the encoding only: the documents and shards are the same)"
+    )
+    parquet_compression_level: int | None = Field(
+        None, ge=-131072, le=22, description="zstd level (negative: faster, larger); null: Arrow's default, 1"
+    )
     rows_per_group: int = Field(4096, gt=0, description="documents per row group of the output parquet")
     split_row_groups: int = Field(
         0, ge=0, description="split a parquet input into tasks of this many row groups (0: one task per file)"
@@ -77,6 +82,13 @@ class IngestConfig(_Model):
     on_unknown_key: Literal["error", "warn"] = Field(
         "error", description="a select.include/exclude or subset key found in no record of an input: "
                              "fail the stage (error) or log it (warn)")
+
+    @model_validator(mode="after")
+    def _level_is_zstd(self) -> "IngestConfig":
+        if self.parquet_compression_level is not None and self.parquet_compression != "zstd":
+            raise ValueError(f"parquet_compression_level is a zstd level; parquet_compression is "
+                             f"{self.parquet_compression!r}")
+        return self
 
 
 FILTER_ALLOW_ENV = "TINYPREP_FILTER_ALLOW"

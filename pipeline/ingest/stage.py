@@ -29,9 +29,17 @@ def output_url(run: RunDir | str, source: str, rel_path: str, split: tuple[int, 
 
 
 def _output_settings(cfg: IngestConfig) -> dict:
+    """The ingest settings that a task's documents depend on (part of its fingerprint).
+
+    The codec and its level are not among them: they change how the parquet is encoded, not the
+    documents, nor the shards made from them. A new codec applies to the tasks that run after
+    the change; finished ones are kept (re-encoding them would change their files, and so redo
+    dedup and tokenize for the same shards). The key stays, with the default codec, so that
+    the fingerprints of runs made while the codec was fingerprinted stay the same.
+    """
     return {
         "max_document_bytes": cfg.max_document_bytes,
-        "parquet_compression": cfg.parquet_compression,
+        "parquet_compression": "zstd",
         "rows_per_group": cfg.rows_per_group,
     }
 

@@ -11,7 +11,9 @@ one place. `nfc` changes texts and rejects nothing.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import re
 import unicodedata
 from typing import Any, Callable, NamedTuple
 
@@ -80,26 +82,77 @@ def too_large(blen: list[int], alive: list[int], limit: int) -> Rejected:
 
 
 def nfc(T: list[str], U: list, blen: list[int], alive: list[int]) -> None:
-    """Unicode NFC, in place; ASCII texts (str in U) are already in NFC."""
+    """Unicode NFC, in place; ASCII texts (str in U) are already in NFC, and so are texts whose
+    other characters are all NFC-inert (`nfc_inert`)."""
     normalize = unicodedata.normalize  # returns its argument when the quick check passes
+    inert, ascii_bytes = _nfc_inert_run(), _ASCII_BYTES
     for p in alive:
-        if type(U[p]) is bytes:
+        u = U[p]
+        if type(u) is bytes:
+            rest = u.translate(None, ascii_bytes)  # the UTF-8 of its non-ASCII characters
+            # (texts mostly non-ASCII go straight to the quick check)
+            if len(rest) << 2 < len(u) and inert(rest.decode()) is not None:
+                continue
             t = normalize("NFC", T[p])
             if t is not T[p] and t != T[p]:
                 T[p] = t
-                U[p] = t.encode("utf-8", "surrogatepass")
+                U[p] = t.encode()
                 blen[p] = len(U[p])
+
+
+# ---------------------------------------------------------------------------------------------
+# NFC-inert characters
+#
+# Most non-ASCII text (accented Latin letters, curly quotes, dashes, CJK, emoji) is made of
+# characters that NFC leaves alone whatever surrounds them: canonical combining class 0, their
+# own NFC, and never the second character of a canonical composition (those are combining
+# marks, a few vowel signs and length marks of Indic and other scripts, and Hangul vowel and
+# trailing jamo: none is in the blocks below, as tests/ingest checks against every canonical
+# decomposition). A text of ASCII and such characters is in NFC, so `nfc` checks only its
+# non-ASCII characters, whose UTF-8 is what remains once the ASCII bytes are deleted (a fast
+# bytes.translate), instead of running the quick check on every character.
+
+_ASCII_BYTES = bytes(range(0x80))
+_INERT_BLOCKS = (  # Unicode blocks of common text; their characters are checked one by one below
+    (0x00A0, 0x02FF), (0x0370, 0x052F), (0x0590, 0x06FF), (0x1E00, 0x1FFF), (0x2010, 0x2027),
+    (0x2030, 0x205E), (0x2070, 0x209F), (0x20A0, 0x20CF), (0x2100, 0x2BFF), (0x3000, 0x30FF),
+    (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0xFF00, 0xFFEF), (0x1F000, 0x1FAFF),
+)
+
+
+def nfc_inert(c: str) -> bool:
+    """Whether NFC leaves `c` alone wherever it stands (in one of _INERT_BLOCKS)."""
+    cp = ord(c)
+    return (any(a <= cp <= b for a, b in _INERT_BLOCKS) and not unicodedata.combining(c)
+            and unicodedata.normalize("NFC", c) == c)
+
+
+@functools.cache
+def _nfc_inert_run() -> Callable[[str], Any]:
+    """`fullmatch` of a regex matching runs of NFC-inert characters (built once per process)."""
+    ranges, start, prev = [], None, None
+    for a, b in _INERT_BLOCKS:
+        for cp in range(a, b + 1):
+            if nfc_inert(chr(cp)):
+                if start is None or cp != prev + 1:
+                    if start is not None:
+                        ranges.append((start, prev))
+                    start = cp
+                prev = cp
+    ranges.append((start, prev))
+    return re.compile("[" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges) + "]*").fullmatch
 
 
 def short(T: list[str], U: list, alive: list[int], min_chars: int) -> Rejected:
     """SlimPajama's filter: documents whose normalized form has fewer than min_chars characters."""
-    # Most documents are ASCII and long: one lower bound on a prefix proves them long enough
-    # (inline, no call); is_short() settles the rest exactly.
-    m, counted = min_chars, _COUNTED
+    # Most documents are long: the ASCII characters of a prefix of their UTF-8 that are neither
+    # punctuation nor whitespace prove it (inline, no call: str for ASCII texts, bytes for the
+    # others); is_short() settles the rest exactly.
+    m, counted = min_chars, _COUNTED_ASCII
     k = _prefix_len(m)
     out = [p for p in alive
-           if (int.from_bytes(U[p][:k].encode().translate(counted), "little").bit_count() < m
-               if type(U[p]) is str else _utf8_prefix_bound(U[p], k) < m)
+           if int.from_bytes((U[p][:k].encode() if type(U[p]) is str else U[p][:k]).translate(counted),
+                             "little").bit_count() < m
            and is_short(T[p], m)]
     return Rejected("short", out)
 
@@ -120,6 +173,11 @@ _COUNTED = bytes(
     0 if (c < 0x80 and (c in PUNCT_BYTES or chr(c).isspace())) or 0x80 <= c < 0xC0 else 1
     for c in range(256)
 )
+# The same for ASCII bytes only (every byte >= 0x80 -> 0): the count of a UTF-8 prefix is a
+# lower bound of the normalized length of any text it starts (lowercasing maps each such
+# character to one that neither the punctuation removal nor the whitespace split removes),
+# wherever the prefix cuts a character, and with no correction for non-ASCII whitespace.
+_COUNTED_ASCII = bytes(c if i < 0x80 else 0 for i, c in enumerate(_COUNTED))
 # UTF-8 prefixes covering every non-ASCII character for which str.isspace() is true
 # (U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000).
 _SPACE_SUSPECTS = (b"\xc2\x85", b"\xc2\xa0", b"\xe1\x9a\x80", b"\xe2\x80", b"\xe2\x81\x9f", b"\xe3\x80\x80")
@@ -144,17 +202,6 @@ def _length_lower_bound(prefix: str) -> int:
     if not b.isascii():
         n -= sum([b.count(s) for s in _SPACE_SUSPECTS])
     return n
-
-
-def _utf8_prefix_bound(b: bytes, k: int) -> int:
-    """_length_lower_bound of the text whose UTF-8 is `b`, on its first k bytes, without decoding.
-
-    The cut may split a character; subtracting 1 keeps it a lower bound (a split whitespace
-    character would be counted by its lead byte and not subtracted as a suspect).
-    """
-    pre = b[:k]
-    return (int.from_bytes(pre.translate(_COUNTED), "little").bit_count()
-            - sum([pre.count(s) for s in _SPACE_SUSPECTS]) - 1)
 
 
 def _prefix_len(min_chars: int) -> int:

@@ -123,9 +123,9 @@ class Ingestion:
         n, first_row = len(T), batch.first_row
         rows = list(range(first_row, first_row + n)) if idx is None else [first_row + i for i in idx]
         subs, subset_vals = self._subsets(column)
-        # ASCII texts stay str (their length is their UTF-8 size); others are encoded once, and
-        # the bytes go to the parquet writer as they are.
-        U = [t if t.isascii() else t.encode("utf-8", "surrogatepass") for t in T]
+        # ASCII texts stay str (their length is their UTF-8 size); others are encoded once
+        # (strictly: the writer takes the bytes as valid UTF-8), and go to the writer as they are.
+        U = [t if t.isascii() else t.encode() for t in T]
         blen = list(map(len, U))
         alive = list(range(n))
         self.counts.add(subs, alive, "read")

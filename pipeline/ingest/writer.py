@@ -32,9 +32,13 @@ SCHEMA = pa.schema(
 
 
 def open_writer(fh, cfg: IngestConfig) -> pq.ParquetWriter:
+    """The codec compresses every byte of text once: at the default (zstd level 1) it costs about
+    as much CPU as reading the input (tests/benchmarks/README.md, Ingest); the text column gets
+    no dictionary and no statistics (both would only cost)."""
     return pq.ParquetWriter(
         fh, SCHEMA,
         compression=cfg.parquet_compression,
+        compression_level=cfg.parquet_compression_level,
         use_dictionary=["source", "subset", "file", "meta"],  # repetitive columns; never the text
         write_statistics=["id", "source", "subset", "file", "row"],
         data_page_size=1 << 20,
@@ -143,7 +147,7 @@ class DocsWriter:
                     subset_col,
                     pa.repeat(pa.scalar(self.rel_path, pa.string()), k),
                     pa.array(rows, pa.int64()),
-                    pa.array(texts, pa.large_binary()).cast(pa.large_string()),
+                    pa.array(texts, pa.large_binary()).view(pa.large_string()),  # valid UTF-8 (task.py)
                     meta_col,
                 ],
                 schema=SCHEMA,

@@ -355,6 +355,46 @@ def test_nfc_is_applied(tmp_path):
     assert docs_of(res)[0]["text"] == nfd
 
 
+def test_nfc_inert_characters_never_change_under_nfc():
+    # the second characters of every canonical composition (and Hangul's vowel and trailing jamo)
+    second = {0x1161 + i for i in range(21)} | {0x11A8 + i for i in range(27)}
+    for cp in range(0x110000):
+        d = unicodedata.decomposition(chr(cp))
+        if d and not d.startswith("<") and len(d.split()) == 2:
+            second.add(int(d.split()[1], 16))
+    inert = [cp for a, b in steps._INERT_BLOCKS for cp in range(a, b + 1) if steps.nfc_inert(chr(cp))]
+    assert len(inert) > 40_000
+    for cp in inert:
+        first = unicodedata.normalize("NFD", chr(cp))[0]
+        assert cp not in second and ord(first) not in second and not unicodedata.combining(first), hex(cp)
+    fullmatch = steps._nfc_inert_run()
+    assert fullmatch("".join(map(chr, inert))) is not None
+    assert all(fullmatch(c) is None for c in ("e\u0301", "\u0301", "\u2126", "\u212b", "\u2000", "\u0b3e", "\u1161",
+                                              "\u037e", "\u0958", "\u0f73"))
+
+
+def test_nfc_step_equals_unicodedata():
+    rng = random.Random(4)
+    inert = "éÉßñçøåÅ“”‘’—–…•€™©°±×÷ΩαβγЖжשׁ日本語한국어😀→★\u00a0\u3000"
+    other = ["e\u0301", "u\u031b", "\u0301", "\u0323\u0302", "\u2126", "\u212b", "\u2000", "\u1100\u1161",
+             "\uac00\u11a8", "\u0b47\u0b3e", "\u0958", "\u037e", "\u0f73", "\U0001d15e"]
+    texts = []
+    for _ in range(600):
+        parts = rng.choices([string.ascii_letters + " .,", inert], k=rng.randrange(1, 40))
+        words = ["".join(rng.choices(p, k=rng.randrange(1, 12))) for p in parts]
+        if rng.random() < 0.5:
+            words.insert(rng.randrange(len(words) + 1), rng.choice(other))
+        texts.append(" ".join(words) * rng.choice([1, 1, 20]))
+    texts += ["é" * 100, "e\u0301" + "a" * 1000, "日本語" * 50 + "\u2126"]
+    T = list(texts)
+    U = [t if t.isascii() else t.encode() for t in T]
+    blen = [len(u) for u in U]
+    steps.nfc(T, U, blen, list(range(len(T))))
+    assert T == [unicodedata.normalize("NFC", t) for t in texts]
+    assert [u if type(u) is str else u.decode() for u in U] == T and blen == [len(t.encode()) for t in T]
+    assert sum(t != n for t, n in zip(texts, T)) > 100
+
+
 def _varied_texts(rng: random.Random) -> list[str]:
     alphabet = (string.ascii_letters + string.digits + string.punctuation + " \t\n\r\x0b\x0c\x1c\x1f"
                 + "\u00a0\u2003\u3000\u2028\u0085éÉßİΣσς日本“”—…\u0301")
@@ -375,6 +415,16 @@ def test_short_filter_equals_reference():
         for m in (1, 50, 200):
             assert steps.is_short(text, m) == reference_is_short(text, m), (m, text[:80])
         assert len(slimpajama_normalize(text)) == steps.normalized_length(text)
+
+
+def test_short_step_equals_reference():
+    # the batch step (prefix bound, then is_short) on texts as the task hands them: ASCII str or UTF-8
+    texts = _varied_texts(random.Random(11))
+    texts += [t * 40 for t in texts[-50:]] + ["é" * 150 + "x" * 190, "x" * 150 + "\u3000" * 400 + "y" * 60]
+    U = [t if t.isascii() else t.encode() for t in texts]
+    for m in (1, 50, 200):
+        got = steps.short(texts, U, list(range(len(texts))), m).positions
+        assert got == [p for p, t in enumerate(texts) if reference_is_short(t, m)], m
 
 
 def test_short_and_empty_filters_in_a_run(tmp_path):
@@ -437,6 +487,44 @@ def test_output_is_byte_identical_across_runs(tmp_path):
     assert not list((tmp_path / "r1" / "run" / "docs").rglob("*.tmp-*"))
 
 
+@pytest.mark.parametrize("codec", [{"parquet_compression": "zstd", "parquet_compression_level": -5},
+                                   {"parquet_compression": "zstd", "parquet_compression_level": 3},
+                                   {"parquet_compression": "lz4_raw"}, {"parquet_compression": "snappy"},
+                                   {"parquet_compression": "none"}])
+def test_every_codec_writes_the_same_documents(tmp_path, codec):
+    rng = random.Random(5)
+    recs = [slim_record(" ".join(rng.choice(["alpha", "beta", "γάμμα", "e\u0301", "“q”"]) for _ in range(80)),
+                        rng.choice(SETS)) for _ in range(300)]
+    write(tmp_path / "in" / "a.jsonl.zst", zst(jsonl(recs)))
+    src = {"urls": [str(tmp_path / "in" / "*.jsonl.zst")], "subset": "meta.redpajama_set_name",
+           "metadata": ["meta.redpajama_set_name"]}
+    _, (ref,), _ = run_all(make_recipe(tmp_path / "ref", [dict(src)], rows_per_group=100))
+    _, (res,), _ = run_all(make_recipe(tmp_path / "codec", [dict(src)], rows_per_group=100, **codec))
+    assert pq.read_table(res.outputs[0]).equals(pq.read_table(ref.outputs[0]))
+    md = pq.ParquetFile(res.outputs[0]).metadata
+    text = md.schema.names.index("text")
+    expected = {"zstd": "ZSTD", "lz4_raw": "LZ4", "snappy": "SNAPPY", "none": "UNCOMPRESSED"}  # pyarrow's names
+    assert {md.row_group(i).column(text).compression for i in range(md.num_row_groups)} == {
+        expected[codec["parquet_compression"]]}
+    ref_md = pq.ParquetFile(ref.outputs[0]).metadata
+    assert ref_md.row_group(0).column(text).compression == "ZSTD"  # the default
+    size = Path(res.outputs[0]).stat().st_size
+    if codec.get("parquet_compression_level") == 3:
+        assert size < Path(ref.outputs[0]).stat().st_size  # level 3 compresses more than the default 1
+    if codec["parquet_compression"] == "none":
+        assert size > sum(len(r["text"].encode()) for r in recs)
+
+
+def test_compression_level_is_for_zstd_only(tmp_path):
+    from pipeline.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"ingest.*parquet_compression_level is a zstd level; .*'snappy'"):
+        make_recipe(tmp_path, [{"urls": ["x.jsonl"]}], parquet_compression="snappy", parquet_compression_level=3)
+    with pytest.raises(RecipeError, match=r"ingest\.parquet_compression_level"):
+        make_recipe(tmp_path, [{"urls": ["x.jsonl"]}], parquet_compression_level=23)
+    assert make_recipe(tmp_path, [{"urls": ["x.jsonl"]}], parquet_compression_level=-7).ingest.parquet_compression_level == -7
+
+
 def test_plan_formats_and_fingerprints(tmp_path):
     write(tmp_path / "in" / "a.jsonl.zst", zst(jsonl([slim_record(LONG)])))
     base = {"urls": [str(tmp_path / "in" / "*")], "weight": 0.5}
@@ -445,7 +533,10 @@ def test_plan_formats_and_fingerprints(tmp_path):
     ref = fp()
     assert fp({"weight": 0.7}) == ref and fp(max_errors=5) == ref and fp(report_issues=3) == ref
     assert fp(max_document_bytes=100) != ref and fp(rows_per_group=10) != ref
-    assert fp(parquet_compression="snappy") != ref and fp({"min_chars": 10}) != ref
+    assert fp({"min_chars": 10}) != ref
+    # the codec encodes the same documents: changing it redoes nothing (nor dedup, tokenize after it)
+    assert fp(parquet_compression="snappy") == ref == fp(parquet_compression="none")
+    assert fp(parquet_compression="zstd", parquet_compression_level=-5) == ref
     write(tmp_path / "in2" / "b.txt", b"hello")
     with pytest.raises(ingest.IngestError, match="b.txt"):
         ingest.stage.plan(make_recipe(tmp_path / "x", [{"urls": [str(tmp_path / "in2" / "*")]}]), RunDir(str(tmp_path / "x")))
