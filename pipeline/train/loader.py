@@ -15,14 +15,14 @@ there is no pause between epochs, and the resume state is one integer: samples c
 multiple of B). Rank r of W takes the contiguous slice [r B / W, (r + 1) B / W) of every global
 batch, so a batch's contents do not depend on W; a run can resume on another world size.
 
-The trainer takes its batches from `prefetch()`: one background thread reads a couple of batches
-ahead into a bounded queue, in the same order, while `samples` advances only as the training step
-takes each one. There is no torch DataLoader with worker processes: the loader spends about 2 ms
+On a GPU the trainer takes its batches from `prefetch()`: one background thread reads a couple of
+batches ahead into a bounded queue, in the same order, while `samples` advances only as the
+training step takes each one; on a CPU, where the step keeps every core busy, the same iterator
+reads in next(). There is no torch DataLoader with worker processes: the loader spends about 2 ms
 of CPU per million tokens handed out (tests/benchmarks/bench_loader.py), mostly in os.preadv and
-numpy, which release the GIL, so one thread keeps ahead of any training step; worker
-processes would add a copy of every batch through shared memory, their own shard file handles
-(which cannot cross a spawn or forkserver start) and a second resume position running ahead of the
-trainer's.
+numpy, which release the GIL, so one thread keeps ahead of any training step; worker processes
+would add a copy of every batch through shared memory, their own shard file handles (which cannot
+cross a spawn or forkserver start) and a second resume position running ahead of the trainer's.
 
 Every batch's token ids are checked as they are read, before the model sees them (`first_bad_row`):
 an id outside the tokenizer's vocabulary (manifest.json `tokenizer.vocab_size`; torch would stop
@@ -57,7 +57,7 @@ from .shards import ShardSet, SourceStream
 INDEX_CHUNK = 4096  # samples whose indices are computed at once (amortizes numpy call overhead)
 STAGE_BYTES = 512 << 10  # rows read (and their ids checked) before batches are handed out: fits L2
 PREFETCH_DEPTH = 2  # batches the prefetch thread reads ahead of the training step
-QUEUE_POLL_S = 0.05  # longest the prefetch thread or its consumer blocks without checking the other
+QUEUE_POLL_S = 1.0  # how often a consumer waiting for a batch checks that the prefetch thread lives
 _FIELDS = ("source", "epoch", "position", "sample")
 
 
@@ -299,12 +299,17 @@ class MixtureLoader:
             self.samples = (batch.index + 1) * self.index.global_batch
             yield batch
 
-    def prefetch(self, depth: int = PREFETCH_DEPTH, pin_memory: bool = False,
+    def prefetch(self, depth: int | None = None, device: torch.device | None = None,
                  stop_batch: int | None = None) -> Prefetch:
-        """The batches of `iter(self)`, read `depth` batches ahead by a background thread (see Prefetch).
-        One reader at a time: a prefetch started earlier is closed first."""
+        """The batches of `iter(self)` as the training step takes them (see Prefetch): read `depth`
+        batches ahead by a background thread, or in next() with depth 0. None: PREFETCH_DEPTH for a
+        CUDA device (pinned memory), 0 otherwise (a CPU step keeps every core busy, so a thread
+        would only take turns with it). One reader at a time: one started earlier is closed first."""
+        cuda = device is not None and torch.device(device).type == "cuda"
+        if depth is None:
+            depth = PREFETCH_DEPTH if cuda else 0
         self.close_prefetch()
-        p = Prefetch(self, depth, pin_memory, stop_batch)
+        p = Prefetch(self, depth, pin_memory=cuda, stop_batch=stop_batch)
         self._prefetch = weakref.ref(p)  # not a strong one: dropping the iterator stops its thread
         return p
 
@@ -320,11 +325,12 @@ class MixtureLoader:
         self.shards.close()
 
 
-_END = object()  # the producer's last item when batches() ends
+_END = object()  # the last item when batches() ends
 
 
 class Prefetch:
-    """A loader's batches read ahead by one background thread into a queue of `depth` batches.
+    """A loader's batches, read ahead by one background thread into a queue of `depth` batches
+    (depth 0: read in next(), no thread), and the time the consumer waited for them.
 
     The order is that of iterating the loader, and so is the resume position: the thread never
     touches `loader.samples`, which advances as the consumer takes each batch, so a checkpoint
@@ -334,29 +340,33 @@ class Prefetch:
     error in the thread (a FormatError naming the shard and offset of a bad window) is raised by
     `next()` at the batch where it occurred, after the good batches before it.
 
-    close() (also on garbage collection, and `with` exit) stops the thread: it checks a flag
-    between batches and never blocks on a full queue for more than QUEUE_POLL_S. wait_s is the
+    close() (also on garbage collection, and `with` exit) stops the thread: it sets the flag the
+    thread checks between batches and empties the queue, which frees a thread blocked on a full
+    one (it blocks without a timeout: a thread that woke up to poll would take the GIL, and on a
+    busy machine the training step's next turn with it, at random times). wait_s is the
     consumer's total time blocked in next(), each Batch.wait_s its own share: the trainer's signal
-    that training waits on data (it should stay near 0)."""
+    that training waits on data (it should stay near 0 with the thread)."""
 
     def __init__(self, loader: MixtureLoader, depth: int = PREFETCH_DEPTH, pin_memory: bool = False,
                  stop_batch: int | None = None):
-        if depth < 1:
-            raise ValueError(f"prefetch depth {depth} must be at least 1")
+        if depth < 0:
+            raise ValueError(f"prefetch depth {depth} must be 0 (no thread) or more")
         self.loader = loader
         self.global_batch = loader.index.global_batch
         self.wait_s = 0.0
         self.taken = 0
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
         self._done = False
-        device = torch.cuda.current_device() if pin_memory and torch.cuda.is_available() else None
-        # the thread gets what it needs, not self: dropping the last reference to this object
-        # collects it, and __del__ stops the thread
-        source = loader.batches(loader.samples // self.global_batch, stop_batch)
-        self.thread = threading.Thread(target=_produce, args=(source, self._queue, self._stop, device),
-                                       name="tinyprep-prefetch", daemon=True)
-        self.thread.start()
+        self._source = loader.batches(loader.samples // self.global_batch, stop_batch)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self.thread = None
+        if depth:
+            device = torch.cuda.current_device() if pin_memory and torch.cuda.is_available() else None
+            # the thread gets what it needs, not self: dropping the last reference to this object
+            # collects it, and __del__ stops the thread
+            self.thread = threading.Thread(target=_produce, args=(self._source, self._queue, self._stop, device),
+                                           name="tinyprep-prefetch", daemon=True)
+            self.thread.start()
 
     def __iter__(self) -> Prefetch:
         return self
@@ -370,7 +380,8 @@ class Prefetch:
         self.wait_s += waited
         if item is _END or isinstance(item, BaseException):
             self._done = True
-            self.thread.join()
+            if self.thread is not None:
+                self.thread.join()
             if item is _END:
                 raise StopIteration
             raise item
@@ -380,6 +391,13 @@ class Prefetch:
         return item
 
     def _get(self):
+        if self.thread is None:
+            try:
+                return next(self._source)
+            except StopIteration:
+                return _END
+            except Exception as e:  # noqa: BLE001 - raised by __next__, as the thread's are
+                return e
         while True:
             try:
                 return self._queue.get(timeout=QUEUE_POLL_S)
@@ -396,7 +414,9 @@ class Prefetch:
         self._done = True
         self._stop.set()
         _drain(self._queue)  # a producer blocked on a full queue sees the flag at once
-        if self.thread is not threading.current_thread():
+        if self.thread is None:
+            self._source.close()
+        elif self.thread is not threading.current_thread():
             self.thread.join(timeout)
 
     def __enter__(self):
@@ -413,11 +433,9 @@ class Prefetch:
 
 
 def _drain(q: queue.Queue) -> None:
-    try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass
+    with q.mutex:  # no exception handling: this also runs from __del__ at interpreter exit
+        q.queue.clear()
+        q.not_full.notify_all()
 
 
 def _produce(source, out: queue.Queue, stop: threading.Event, device: int | None) -> None:
@@ -441,13 +459,12 @@ def _produce(source, out: queue.Queue, stop: threading.Event, device: int | None
 
 
 def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            out.put(item, timeout=QUEUE_POLL_S)
-            return True
-        except queue.Full:
-            pass
-    return False
+    """Hand `item` over unless closed; False when closed. A put blocked on a full queue is freed by
+    close() emptying it (nothing else puts), and the flag is checked again after it."""
+    if stop.is_set():
+        return False
+    out.put(item)
+    return not stop.is_set()
 
 
 class HoldoutSet:

@@ -279,7 +279,7 @@ class Trainer:
     def fit(self) -> None:
         plan, cfg, env = self.plan, self.cfg, self.env
         gb, seq_len = cfg.global_batch, plan.mixture.seq_len
-        batches = self.loader.prefetch(pin_memory=env.device.type == "cuda")
+        batches = self.loader.prefetch(device=env.device)
         first = self.step + 1
         window_start, window_steps = time.perf_counter(), 0
         self.model.train()

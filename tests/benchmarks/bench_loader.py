@@ -27,12 +27,13 @@ no shard on disk) and a 3T-token budget: time and memory to load and check manif
 mixture.json, build the loader at step 1,000,000 of 8 ranks and compute the first batch's indices.
 
 Last, whether the training step waits on data: a loop of steps that each take the rank's batch
-(`next()`) and run a step on it, reading in the step (plain iteration, as the trainer did) or
-from `MixtureLoader.prefetch()` (as it does now); the share of the loop's wall time spent in
-`next()`, and the batches' crc32 in order, which must be identical. Two steps: `--step-ms` of
-sleep, the host waiting on a device, with rank 0 of 8 at TinyLlama's global batch 1024 (128 x 2049
-tokens a step), and the trainer's step on the `tiny` model on this CPU with the sample recipe's
-shape (seq_len 512, global batch 8, micro-batch 4, a 4,000-id vocabulary) on a 3M-token run.
+(`next()`) and run a step on it, reading in the step (plain iteration) or from a prefetch thread
+two batches ahead (`MixtureLoader.prefetch(2)`, the trainer's iterator on a GPU); the share of
+the loop's wall time spent in `next()`, and the batches' crc32 in order, which must be identical.
+Two steps: `--step-ms` of sleep, the host waiting on a device, with rank 0 of 8 at TinyLlama's
+global batch 1024 (128 x 2049 tokens a step), and the trainer's step on the `tiny` model on this
+CPU with the sample recipe's shape (seq_len 512, global batch 8, micro-batch 4, a 4,000-id
+vocabulary) on a 3M-token run: a step that keeps the core busy, where the trainer reads in next().
 No GPU part: the trainer's GPU step time and MFU are not measured here.
 """
 
@@ -241,15 +242,15 @@ def mixture_batches(run_dir: str):
 def step_wait(run_dir: str, global_batch: int, rank: int, world: int, step, steps: int, prefetch: bool) -> dict:
     """`steps` training steps that each take the rank's batch and run step(batch): the share of the
     loop's wall time spent in next() waiting for the batch, plain iteration (the batch is read
-    inside the step) or MixtureLoader.prefetch(); and the batches' crc32 in order."""
+    inside the step) or a prefetch thread; and the batches' crc32 in order."""
     import zlib
 
     from pipeline.formats.manifest import load_plan
-    from pipeline.train.loader import MixtureLoader
+    from pipeline.train.loader import PREFETCH_DEPTH, MixtureLoader
 
     manifest, mixture = load_plan(run_dir)
     loader = MixtureLoader(run_dir, manifest, mixture, global_batch, rank, world)
-    batches = loader.prefetch() if prefetch else iter(loader)
+    batches = loader.prefetch(PREFETCH_DEPTH) if prefetch else iter(loader)
     waits, sums, hashing = [], [], 0.0
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -419,7 +420,8 @@ def main() -> None:
     for label, r in ((f"{args.step_ms:g} ms step, rank 0 of 8, 128 x 2049 tokens", fixed),
                      ("tiny model's step, 8 x 513 tokens (sample recipe)", tiny)):
         p, a = r["plain"], r["prefetch"]
-        print(f"  {label}, {r['steps']} steps of {1e3 * a['wall_s'] / r['steps']:.1f} ms: "
+        print(f"  {label}, {r['steps']} steps of {1e3 * p['wall_s'] / r['steps']:.1f} ms "
+              f"(prefetch {1e3 * a['wall_s'] / r['steps']:.1f} ms): "
               f"plain {100 * p['later_wait_fraction']:.2f}% ({p['median_wait_ms']:.3f}, {p['max_later_wait_ms']:.2f} ms), "
               f"prefetch {100 * a['later_wait_fraction']:.3f}% ({a['median_wait_ms']:.3f}, {a['max_later_wait_ms']:.2f} ms; "
               f"first batch {1e3 * a['first_wait_s']:.1f} ms); batches identical: {r['identical_batches']}")

@@ -9,6 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import synthetic
+import torch
 
 from pipeline.formats import FormatError
 from pipeline.formats.manifest import ManifestError, load_plan
@@ -194,7 +195,7 @@ def test_global_batch_does_not_depend_on_ranks_or_workers(run):
         for i in range(12):
             assert (np.concatenate([p[i].tokens for p in parts]) == whole[i].numpy()).all()
     loader = MixtureLoader(run, manifest, mixture, 8, samples=3 * 8)
-    with loader.prefetch() as batches:
+    with loader.prefetch(depth=2) as batches:
         got = [next(batches) for _ in range(6)]
     assert [b.index for b in got] == list(range(3, 9))
     for b in got:
@@ -232,32 +233,47 @@ def _wait_until(cond, timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("start,rank,world", [(0, 0, 1), (5, 0, 1), (7, 1, 2)])
-def test_prefetch_hands_out_the_batches_of_plain_iteration(run, start, rank, world):
+@pytest.mark.parametrize("start,rank,world,depth", [(0, 0, 1, 3), (5, 0, 1, 3), (7, 1, 2, 3), (5, 0, 1, 0)])
+def test_prefetch_hands_out_the_batches_of_plain_iteration(run, start, rank, world, depth):
     """Same batches (index, tokens, sources) as iterating the loader, from the start and from a
     resume position; `samples` counts the batches taken, not those the thread read ahead."""
     manifest, mixture = load_plan(run)
     plain = MixtureLoader(run, manifest, mixture, 8, rank, world, samples=start * 8)
     expected = [b for b, _ in zip(plain, range(40))]
     loader = MixtureLoader(run, manifest, mixture, 8, rank, world, samples=start * 8)
-    with loader.prefetch(depth=3) as batches:
-        _wait_until(batches._queue.full)  # the thread is 3 batches ahead, none taken
+    ahead = (lambda: batches._queue.full()) if depth else (lambda: True)
+    with loader.prefetch(depth=depth) as batches:
+        assert (batches.thread is not None) == (depth > 0)
+        _wait_until(ahead)  # a thread is `depth` batches ahead, none taken
         assert loader.samples == start * 8
         for k, want in enumerate(expected, 1):
             _same(next(batches), want)
-            _wait_until(batches._queue.full)
+            _wait_until(ahead)
             assert loader.samples == (start + k) * 8
         assert batches.taken == 40
-        assert batches.wait_s >= 0
     # a bounded range ends like batches(): StopIteration after the last one, thread gone
     loader = MixtureLoader(run, manifest, mixture, 8, rank, world, samples=start * 8)
-    batches = loader.prefetch(stop_batch=start + 9)
+    batches = loader.prefetch(depth=depth, stop_batch=start + 9)
     got = list(batches)
     assert [b.index for b in got] == list(range(start, start + 9))
     for a, b in zip(got, expected):
         _same(a, b)
-    assert loader.samples == (start + 9) * 8 and not batches.thread.is_alive()
-    assert batches.wait_s == pytest.approx(sum(b.wait_s for b in got), abs=1e-3)
+    assert loader.samples == (start + 9) * 8 and not (depth and batches.thread.is_alive())
+    assert batches.wait_s == pytest.approx(sum(b.wait_s for b in got), abs=1e-3) and batches.wait_s > 0
+
+
+def test_prefetch_depth_follows_the_device(run):
+    """A thread (pinned memory where CUDA is there) for a CUDA device; on a CPU, where the step
+    keeps the cores busy, the batches are read in next()."""
+    manifest, mixture = load_plan(run)
+    loader = MixtureLoader(run, manifest, mixture, 8)
+    assert loader.prefetch(device=torch.device("cpu")).thread is None
+    assert loader.prefetch().thread is None
+    on_gpu = loader.prefetch(device="cuda")
+    assert on_gpu.thread is not None and next(on_gpu).index == 0
+    assert next(on_gpu).tokens.is_pinned() == torch.cuda.is_available()
+    loader.close()
+    assert not on_gpu.thread.is_alive()
 
 
 def test_a_checkpoint_after_prefetch_resumes_at_the_next_batch(run):
@@ -295,7 +311,7 @@ def _corrupt_window_of_batch(run_dir: str, k: int, global_batch: int = 8):
     return path, offset
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("prefetch", [None, 0, 2])
 def test_a_bad_window_stops_at_its_own_batch(run, tmp_path, prefetch):
     """Batch 5 holds a window with an id outside the vocabulary: batches 0-4 (read and checked in
     the same staging buffer) come out, then FormatError names the shard and offset, also when the
@@ -308,7 +324,7 @@ def test_a_bad_window_stops_at_its_own_batch(run, tmp_path, prefetch):
     manifest, mixture = load_plan(run)
     good = list(MixtureLoader(run, manifest, mixture, 8).batches(0, 5))
     loader = MixtureLoader(str(bad), manifest, mixture, 8)
-    batches = loader.prefetch(depth=2) if prefetch else iter(loader)
+    batches = iter(loader) if prefetch is None else loader.prefetch(depth=prefetch)
     if prefetch:
         _wait_until(lambda: not batches.thread.is_alive() or batches._queue.full())
     for want in good:
@@ -317,8 +333,8 @@ def test_a_bad_window_stops_at_its_own_batch(run, tmp_path, prefetch):
     with pytest.raises(FormatError, match=f"{path}: token offset {offset:,}: token id 65535 is outside"):
         next(batches)
     assert loader.samples == 5 * 8
-    if prefetch:
-        assert not batches.thread.is_alive()
+    if prefetch is not None:
+        assert not (prefetch and batches.thread.is_alive())
         with pytest.raises(StopIteration):
             next(batches)
 
@@ -347,20 +363,20 @@ def test_prefetch_stops_on_close_collection_and_errors(run):
     thread.join(2.0)
     assert not thread.is_alive() and loader.samples == 16
     # an exception in the training loop, under `with`
-    with pytest.raises(ZeroDivisionError), loader.prefetch() as batches:
+    with pytest.raises(ZeroDivisionError), loader.prefetch(depth=2) as batches:
         for batch in batches:
             if batch.index == 4:
                 raise ZeroDivisionError
     assert not batches.thread.is_alive() and loader.samples == 5 * 8
     # a new prefetch stops the one before; loader.close() stops the current one, then closes shards
-    first = loader.prefetch()
-    second = loader.prefetch()
+    first = loader.prefetch(depth=2)
+    second = loader.prefetch(depth=2)
     assert not first.thread.is_alive() and next(second).index == 5
     loader.close()
     assert not second.thread.is_alive() and not loader.shards.fds
     assert not [t for t in threading.enumerate() if t.name == "tinyprep-prefetch"]
-    with pytest.raises(ValueError, match="depth 0"):
-        loader.prefetch(depth=0)
+    with pytest.raises(ValueError, match="depth -1"):
+        loader.prefetch(depth=-1)
 
 
 def test_world_must_divide_the_global_batch():
