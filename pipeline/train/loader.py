@@ -242,7 +242,8 @@ class MixtureLoader:
 
         Index math runs about INDEX_CHUNK samples ahead, vectorized; then each row is one pread
         into a staging buffer of up to STAGE_BYTES (whole batches, at least one), whose token ids
-        are checked at once (first_bad_row), and each batch is one conversion to a new int64 tensor."""
+        are checked at once (first_bad_row), and each batch is one conversion to a new int64 tensor.
+        A bad window raises FormatError where its batch would come, after the batches before it."""
         gb = self.index.global_batch
         b = self.samples // gb if start_batch is None else start_batch
         per_chunk = max(1, INDEX_CHUNK // gb)

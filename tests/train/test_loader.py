@@ -186,7 +186,7 @@ def test_every_sample_of_an_epoch_is_seen_once_across_ranks(run):
     assert len(orders) == 2 and orders[0] != orders[1]
 
 
-def test_global_batch_does_not_depend_on_ranks_or_workers(run):
+def test_global_batch_does_not_depend_on_ranks_or_prefetch(run):
     manifest, mixture = load_plan(run)
     whole = [b.tokens for b in MixtureLoader(run, manifest, mixture, 8).batches(0, 12)]
     for world in (2, 4, 8):
