@@ -13,8 +13,16 @@ Global sample i is a pure function of (mixture, global batch size, i):
 Nothing per sample or per document is stored, so start-up and memory do not grow with the corpus,
 there is no pause between epochs, and the resume state is one integer: samples consumed (a
 multiple of B). Rank r of W takes the contiguous slice [r B / W, (r + 1) B / W) of every global
-batch, so a batch's contents do not depend on W (nor on DataLoader workers, which take whole
-batches in turn: `as_dataloader`); a run can resume on another world size.
+batch, so a batch's contents do not depend on W; a run can resume on another world size.
+
+On a GPU the trainer takes its batches from `prefetch()`: one background thread reads a couple of
+batches ahead into a bounded queue, in the same order, while `samples` advances only as the
+training step takes each one; on a CPU, where the step keeps every core busy, the same iterator
+reads in next(). There is no torch DataLoader with worker processes: the loader spends about 2 ms
+of CPU per million tokens handed out (tests/benchmarks/bench_loader.py), mostly in os.preadv and
+numpy, which release the GIL, so one thread keeps ahead of any training step; worker processes
+would add a copy of every batch through shared memory, their own shard file handles (which cannot
+cross a spawn or forkserver start) and a second resume position running ahead of the trainer's.
 
 Every batch's token ids are checked as they are read, before the model sees them (`first_bad_row`):
 an id outside the tokenizer's vocabulary (manifest.json `tokenizer.vocab_size`; torch would stop
@@ -31,6 +39,10 @@ once for them): about 5% of the loader's CPU time at 8 x 2049 tokens a batch
 from __future__ import annotations
 
 import os
+import queue
+import threading
+import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +56,8 @@ from .shards import ShardSet, SourceStream
 
 INDEX_CHUNK = 4096  # samples whose indices are computed at once (amortizes numpy call overhead)
 STAGE_BYTES = 512 << 10  # rows read (and their ids checked) before batches are handed out: fits L2
+PREFETCH_DEPTH = 2  # batches the prefetch thread reads ahead of the training step
+QUEUE_POLL_S = 1.0  # how often a consumer waiting for a batch checks that the prefetch thread lives
 _FIELDS = ("source", "epoch", "position", "sample")
 
 
@@ -61,11 +75,12 @@ class SampleRefs:
 @dataclass
 class Batch:
     """One rank's part of global batch `index`: tokens (rows, seq_len + 1) as int64, and the
-    source of each row."""
+    source of each row; wait_s: how long the consumer waited for it (set by `Prefetch`)."""
 
     index: int
     tokens: torch.Tensor
     sources: np.ndarray
+    wait_s: float = 0.0
 
 
 class MixtureIndex:
@@ -170,6 +185,7 @@ class MixtureLoader:
         self.rank, self.world = rank, world
         self.local = global_batch // world
         self.samples = samples
+        self._prefetch = None  # weak reference to the running Prefetch, if any
         entries, self.streams = [], []
         by_path = {e.path: e for e in manifest.shards if e.split == "train"}
         for src in mixture.sources:
@@ -226,7 +242,8 @@ class MixtureLoader:
 
         Index math runs about INDEX_CHUNK samples ahead, vectorized; then each row is one pread
         into a staging buffer of up to STAGE_BYTES (whole batches, at least one), whose token ids
-        are checked at once (first_bad_row), and each batch is one conversion to a new int64 tensor."""
+        are checked at once (first_bad_row), and each batch is one conversion to a new int64 tensor.
+        A bad window raises FormatError where its batch would come, after the batches before it."""
         gb = self.index.global_batch
         b = self.samples // gb if start_batch is None else start_batch
         per_chunk = max(1, INDEX_CHUNK // gb)
@@ -267,14 +284,14 @@ class MixtureLoader:
                             self.shards.short_read(sh, byte_offsets[r])
                     r += 1
                 bad = first_bad_row(stage[:n], self.vocab_size, row_max[:n])
+                for k in range((n if bad < 0 else bad) // self.local):  # the batches before a bad one first
+                    part = stage[k * self.local:(k + 1) * self.local]
+                    lo = first + k * self.local
+                    yield Batch(xs[g + k], torch.from_numpy(part.astype(np.int64)), refs.source[lo:lo + self.local])
                 if bad >= 0:
                     r = first + bad
                     raise window_error(self.streams[int(refs.source[r])], int(refs.sample[r]) * self.seq_len,
                                        stage[bad], self.vocab_size)
-                for k in range(n // self.local):
-                    part = stage[k * self.local:(k + 1) * self.local]
-                    lo = first + k * self.local
-                    yield Batch(xs[g + k], torch.from_numpy(part.astype(np.int64)), refs.source[lo:lo + self.local])
             b = int(todo[-1]) + stride
 
     def __iter__(self):
@@ -283,28 +300,172 @@ class MixtureLoader:
             self.samples = (batch.index + 1) * self.index.global_batch
             yield batch
 
-    def as_dataloader(self, num_workers: int) -> torch.utils.data.DataLoader:
-        """The same batches through a torch DataLoader whose workers take whole batches in turn
-        (worker w: batches b0 + w, b0 + w + num_workers, ...); the DataLoader hands them out in
-        round-robin order, so the sequence is the same as iterating this loader."""
-        return torch.utils.data.DataLoader(_WorkerBatches(self, num_workers), batch_size=None,
-                                           num_workers=num_workers, collate_fn=_keep)
+    def prefetch(self, depth: int | None = None, device: torch.device | None = None,
+                 stop_batch: int | None = None) -> Prefetch:
+        """The batches of `iter(self)` as the training step takes them (see Prefetch): read `depth`
+        batches ahead by a background thread, or in next() with depth 0. None: PREFETCH_DEPTH for a
+        CUDA device (pinned memory), 0 otherwise (a CPU step keeps every core busy, so a thread
+        would only take turns with it). One reader at a time: one started earlier is closed first."""
+        cuda = device is not None and torch.device(device).type == "cuda"
+        if depth is None:
+            depth = PREFETCH_DEPTH if cuda else 0
+        self.close_prefetch()
+        p = Prefetch(self, depth, pin_memory=cuda, stop_batch=stop_batch)
+        self._prefetch = weakref.ref(p)  # not a strong one: dropping the iterator stops its thread
+        return p
+
+    def close_prefetch(self) -> None:
+        p = self._prefetch() if self._prefetch is not None else None
+        self._prefetch = None
+        if p is not None:
+            p.close()
+
+    def close(self) -> None:
+        """Stop the prefetch thread (if any), then close the shard files it was reading."""
+        self.close_prefetch()
+        self.shards.close()
 
 
-def _keep(x):
-    return x
+_END = object()  # the last item when batches() ends
 
 
-class _WorkerBatches(torch.utils.data.IterableDataset):
-    def __init__(self, loader: MixtureLoader, num_workers: int):
-        self.loader, self.num_workers = loader, max(1, num_workers)
+class Prefetch:
+    """A loader's batches, read ahead by one background thread into a queue of `depth` batches
+    (depth 0: read in next(), no thread), and the time the consumer waited for them.
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        w = info.id if info is not None else 0
-        first = self.loader.samples // self.loader.index.global_batch
-        stride = self.num_workers if info is not None else 1
-        return self.loader.batches(first + w, None, stride)
+    The order is that of iterating the loader, and so is the resume position: the thread never
+    touches `loader.samples`, which advances as the consumer takes each batch, so a checkpoint
+    saved after step N resumes at batch N + 1 whatever was read ahead. The thread spends its time
+    in os.preadv and numpy (both release the GIL), and with `pin_memory` copies each batch into
+    page-locked memory so that the trainer's `.to(device, non_blocking=True)` is asynchronous. An
+    error in the thread (a FormatError naming the shard and offset of a bad window) is raised by
+    `next()` at the batch where it occurred, after the good batches before it.
+
+    close() (also on garbage collection, and `with` exit) stops the thread: it sets the flag the
+    thread checks between batches and empties the queue, which frees a thread blocked on a full
+    one (it blocks without a timeout: a thread that woke up to poll would take the GIL, and on a
+    busy machine the training step's next turn with it, at random times). wait_s is the
+    consumer's total time blocked in next(), each Batch.wait_s its own share: the trainer's signal
+    that training waits on data (it should stay near 0 with the thread)."""
+
+    def __init__(self, loader: MixtureLoader, depth: int = PREFETCH_DEPTH, pin_memory: bool = False,
+                 stop_batch: int | None = None):
+        if depth < 0:
+            raise ValueError(f"prefetch depth {depth} must be 0 (no thread) or more")
+        self.loader = loader
+        self.global_batch = loader.index.global_batch
+        self.wait_s = 0.0
+        self.taken = 0
+        self._done = False
+        self._source = loader.batches(loader.samples // self.global_batch, stop_batch)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self.thread = None
+        if depth:
+            device = torch.cuda.current_device() if pin_memory and torch.cuda.is_available() else None
+            # the thread gets what it needs, not self: dropping the last reference to this object
+            # collects it, and __del__ stops the thread
+            self.thread = threading.Thread(target=_produce, args=(self._source, self._queue, self._stop, device),
+                                           name="tinyprep-prefetch", daemon=True)
+            self.thread.start()
+
+    def __iter__(self) -> Prefetch:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._done:
+            raise StopIteration
+        t0 = time.perf_counter()
+        item = self._get()
+        waited = time.perf_counter() - t0
+        self.wait_s += waited
+        if item is _END or isinstance(item, BaseException):
+            self._done = True
+            if self.thread is not None:
+                self.thread.join()
+            if item is _END:
+                raise StopIteration
+            raise item
+        item.wait_s = waited
+        self.taken += 1
+        self.loader.samples = (item.index + 1) * self.global_batch
+        return item
+
+    def _get(self):
+        if self.thread is None:
+            try:
+                return next(self._source)
+            except StopIteration:
+                return _END
+            except Exception as e:  # noqa: BLE001 - raised by __next__, as the thread's are
+                return e
+        while True:
+            try:
+                return self._queue.get(timeout=QUEUE_POLL_S)
+            except queue.Empty:
+                if not self.thread.is_alive():  # it ends with an item unless closed: a last look
+                    try:
+                        return self._queue.get_nowait()
+                    except queue.Empty:
+                        return RuntimeError("the prefetch thread ended without handing out its last item")
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread and wait (up to `timeout` s) until it has ended; batches read ahead are
+        dropped, and `loader.samples` stays at the last batch taken."""
+        self._done = True
+        self._stop.set()
+        _drain(self._queue)  # a producer blocked on a full queue sees the flag at once
+        if self.thread is None:
+            self._source.close()
+        elif self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:  # no join here: the flag and an empty queue end the thread shortly
+            stop.set()
+            _drain(self._queue)
+
+
+def _drain(q: queue.Queue) -> None:
+    with q.mutex:  # no exception handling: this also runs from __del__ at interpreter exit
+        q.queue.clear()
+        q.not_full.notify_all()
+
+
+def _produce(source, out: queue.Queue, stop: threading.Event, device: int | None) -> None:
+    """The prefetch thread: batches (pinned if `device` is set) into `out`, then _END or the error."""
+    last = _END
+    try:
+        if device is not None:
+            torch.cuda.set_device(device)
+        for batch in source:
+            if stop.is_set():
+                return
+            if device is not None:
+                batch.tokens = batch.tokens.pin_memory()
+            if not _put(out, batch, stop):
+                return
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+        last = e
+    finally:
+        source.close()
+    _put(out, last, stop)
+
+
+def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
+    """Hand `item` over unless closed; False when closed. A put blocked on a full queue is freed by
+    close() emptying it (nothing else puts), and the flag is checked again after it."""
+    if stop.is_set():
+        return False
+    out.put(item)
+    return not stop.is_set()
 
 
 class HoldoutSet:

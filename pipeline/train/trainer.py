@@ -303,7 +303,7 @@ class Trainer:
     def fit(self) -> None:
         plan, cfg, env = self.plan, self.cfg, self.env
         gb, seq_len = cfg.global_batch, plan.mixture.seq_len
-        batches = iter(self.loader)
+        batches = self.loader.prefetch(device=env.device)
         first = self.step + 1
         window_start, window_steps = time.perf_counter(), 0
         pending: dict[int, bytes] = {}  # this rank's row digests of each step since the last record
@@ -406,7 +406,7 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
-        self.loader.shards.close()
+        self.loader.close()
 
 
 def _fault_step() -> int | None:

@@ -2,6 +2,7 @@
 on a 3T-token plan.
 
     python tests/benchmarks/bench_loader.py [--mtokens 200] [--seconds 3] [--runs 3] [--json]
+        [--step-ms 5] [--steps 200] [--tiny-steps 20]
 
 Builds a run of `--mtokens` million random uint16 tokens in two sources (weights 0.693584 /
 0.306416 as TinyLlama, documents of about 1,000 tokens starting with BOS, Megatron shards of 2^24
@@ -24,6 +25,15 @@ core; best of `--runs` runs of about `--seconds` each. Then, in a fresh process 
 synthetic plan describing 3.03T tokens (TinyLlama's two sources, 2^27-token shards: 22,579 shards,
 no shard on disk) and a 3T-token budget: time and memory to load and check manifest.json and
 mixture.json, build the loader at step 1,000,000 of 8 ranks and compute the first batch's indices.
+
+Last, whether the training step waits on data: a loop of steps that each take the rank's batch
+(`next()`) and run a step on it, reading in the step (plain iteration) or from a prefetch thread
+two batches ahead (`MixtureLoader.prefetch(2)`, the trainer's iterator on a GPU); the share of
+the loop's wall time spent in `next()`, and the batches' crc32 in order, which must be identical.
+Two steps: `--step-ms` of sleep, the host waiting on a device, with rank 0 of 8 at TinyLlama's
+global batch 1024 (128 x 2049 tokens a step), and the trainer's step on the `tiny` model on this
+CPU with the sample recipe's shape (seq_len 512, global batch 8, micro-batch 4, a 4,000-id
+vocabulary) on a 3M-token run: a step that keeps the core busy, where the trainer reads in next().
 No GPU part: the trainer's GPU step time and MFU are not measured here.
 """
 
@@ -52,7 +62,7 @@ SEQ_LEN, BATCH = 2048, 8
 
 # -- the run -----------------------------------------------------------------------------------------
 
-def build_run(run_dir: str, mtokens: float, seed: int = 0) -> dict:
+def build_run(run_dir: str, mtokens: float, seed: int = 0, vocab: int = 32000, seq_len: int = SEQ_LEN) -> dict:
     """Shards of random tokens (documents of ~1,000 tokens) for two sources, manifest, mixture."""
     import synthetic
 
@@ -72,7 +82,7 @@ def build_run(run_dir: str, mtokens: float, seed: int = 0) -> dict:
                 lengths = rng.integers(500, 1500, size=size // 1000 + 2)
                 lengths = lengths[np.cumsum(lengths) <= size]
                 lengths = np.append(lengths, size - lengths.sum()) if lengths.sum() < size else lengths
-                tokens = rng.integers(3, 32000, size=size, dtype=np.uint16)
+                tokens = rng.integers(3, vocab, size=size, dtype=np.uint16)
                 tokens[np.cumsum(lengths) - lengths] = synthetic.BOS
                 path = f"shards/{name}/{split}/{i:05d}"
                 with MegatronWriter(storage.join(run_dir, path), np.uint16) as wr:
@@ -85,9 +95,9 @@ def build_run(run_dir: str, mtokens: float, seed: int = 0) -> dict:
                 i += 1
     import hashlib
 
-    tok = TokenizerInfo(path="synthetic.model", sha256=hashlib.sha256(b"synthetic").hexdigest(), vocab_size=32000,
+    tok = TokenizerInfo(path="synthetic.model", sha256=hashlib.sha256(b"synthetic").hexdigest(), vocab_size=vocab,
                         bos_id=1, eos_id=2)
-    synthetic.plan(run_dir, make_manifest(tok, True, False, "uint16", entries), WEIGHTS, SEQ_LEN)
+    synthetic.plan(run_dir, make_manifest(tok, True, False, "uint16", entries), WEIGHTS, seq_len)
     return {"shards": len(entries), "train_tokens": sum(e.tokens for e in entries if e.split == "train")}
 
 
@@ -227,6 +237,77 @@ def mixture_batches(run_dir: str):
         yield batch.tokens
 
 
+# -- does the training step wait on data? -------------------------------------------------------------
+
+def step_wait(run_dir: str, global_batch: int, rank: int, world: int, step, steps: int, prefetch: bool) -> dict:
+    """`steps` training steps that each take the rank's batch and run step(batch): the share of the
+    loop's wall time spent in next() waiting for the batch, plain iteration (the batch is read
+    inside the step) or a prefetch thread; and the batches' crc32 in order."""
+    import zlib
+
+    from pipeline.formats.manifest import load_plan
+    from pipeline.train.loader import PREFETCH_DEPTH, MixtureLoader
+
+    manifest, mixture = load_plan(run_dir)
+    loader = MixtureLoader(run_dir, manifest, mixture, global_batch, rank, world)
+    batches = loader.prefetch(PREFETCH_DEPTH) if prefetch else iter(loader)
+    waits, sums, hashing = [], [], 0.0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        w0 = time.perf_counter()
+        batch = next(batches)
+        w1 = time.perf_counter()
+        sums.append((batch.index, zlib.crc32(batch.tokens.numpy()), zlib.crc32(batch.sources.tobytes())))
+        hashing += time.perf_counter() - w1  # the check, not part of the step
+        waits.append(w1 - w0)
+        step(batch)
+    wall = time.perf_counter() - t0 - hashing
+    assert loader.samples == steps * global_batch
+    loader.close()
+    return {"wall_s": wall, "wait_s": sum(waits), "wait_fraction": sum(waits) / wall, "first_wait_s": waits[0],
+            "later_wait_fraction": sum(waits[1:]) / (wall - waits[0]), "max_later_wait_ms": 1e3 * max(waits[1:]),
+            "median_wait_ms": 1e3 * float(np.median(waits[1:])),
+            "sums": sums}
+
+
+def sleep_step(ms: float):
+    """A step whose host thread waits on the device for `ms` (a GPU step, GIL released)."""
+    return lambda batch: time.sleep(ms / 1e3)
+
+
+def tiny_step(vocab: int, seq_len: int, micro_batch: int = 4):
+    """The trainer's step on the `tiny` model on this CPU: forward and backward per micro-batch,
+    clip, AdamW (one process, no FSDP)."""
+    import torch
+
+    from pipeline.train.model import Llama, model_config
+    from pipeline.train.trainer import lm_loss
+
+    model = Llama(model_config("tiny", vocab_size=vocab, max_seq_len=seq_len))
+    model.init_weights(1337)
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-3)
+
+    def step(batch) -> None:
+        n = batch.tokens.shape[0] // micro_batch
+        for i in range(n):
+            (lm_loss(model, batch.tokens[i * micro_batch:(i + 1) * micro_batch]) / n).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def compare_wait(run_dir: str, global_batch: int, rank: int, world: int, make_step, steps: int) -> dict:
+    """Plain iteration then prefetch, each with a fresh step; the batch sequences must be identical."""
+    plain = step_wait(run_dir, global_batch, rank, world, make_step(), steps, prefetch=False)
+    ahead = step_wait(run_dir, global_batch, rank, world, make_step(), steps, prefetch=True)
+    same = plain.pop("sums") == ahead.pop("sums")
+    if not same:
+        raise SystemExit("prefetch handed out other batches than plain iteration")
+    return {"plain": plain, "prefetch": ahead, "identical_batches": same, "steps": steps}
+
+
 STARTUP = r"""
 import json, sys, time
 import numpy, orjson, torch  # imports apart
@@ -282,6 +363,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--step-ms", type=float, default=5.0, help="the fixed step of the wait measurement")
+    ap.add_argument("--steps", type=int, default=200, help="steps of the fixed-step wait measurement")
+    ap.add_argument("--tiny-steps", type=int, default=20, help="steps of the tiny model in the wait measurement")
     args = ap.parse_args()
 
     import torch
@@ -303,10 +387,18 @@ def main() -> None:
             "packed": measure(lambda: iter(packed_loader(chunks)), args.seconds, args.runs),
             "mixture": measure(lambda: mixture_batches(run), args.seconds, args.runs),
         }
+        # TinyLlama's shape: rank 0 of 8 at global batch 1024 reads 128 x 2049 tokens a step
+        fixed = compare_wait(run, 1024, 0, 8, lambda: sleep_step(args.step_ms), args.steps)
+        # the sample recipe's shape: seq_len 512, global batch 8, vocabulary 4,000, the tiny model
+        small = os.path.join(tmp, "small")
+        build_run(small, 3, seed=1, vocab=4000, seq_len=512)
+        warm(glob.glob(os.path.join(small, "shards/*/train/*.bin")))
+        tiny = compare_wait(small, 8, 0, 1, lambda: tiny_step(4000, 512), args.tiny_steps)
         start = startup_3t(tmp)
 
     out = {"tokens_per_cpu_s": results, "mixture_vs_packed": results["mixture"] / results["packed"],
-           "startup_3t": start, "run": info, "setup_s": setup_s, "cpu": os.cpu_count(),
+           "startup_3t": start, "step_wait": {"fixed_step": {"step_ms": args.step_ms, **fixed}, "tiny_model": tiny},
+           "run": info, "setup_s": setup_s, "cpu": os.cpu_count(),
            "batch": f"{BATCH} x {SEQ_LEN + 1}"}
     if args.json:
         print(json.dumps(out, indent=2))
@@ -324,6 +416,15 @@ def main() -> None:
     print(f"3T-token plan ({s['shards']:,} shards, {s['total_samples']:,} samples): start-up {s['startup_s']:.3f} s "
           f"({s['startup_cpu_s']:.3f} CPU-s; manifest + mixture {s['plan_s']:.3f} s, loader + first batch {s['loader_s']:.3f} s), "
           f"Python peak {s['python_peak_mb']:.0f} MB, RSS growth {s['rss_growth_mb']:.0f} MB")
+    print("training loop's wall time spent waiting for the batch, after the first batch (median, max of one wait):")
+    for label, r in ((f"{args.step_ms:g} ms step, rank 0 of 8, 128 x 2049 tokens", fixed),
+                     ("tiny model's step, 8 x 513 tokens (sample recipe)", tiny)):
+        p, a = r["plain"], r["prefetch"]
+        print(f"  {label}, {r['steps']} steps of {1e3 * p['wall_s'] / r['steps']:.1f} ms "
+              f"(prefetch {1e3 * a['wall_s'] / r['steps']:.1f} ms): "
+              f"plain {100 * p['later_wait_fraction']:.2f}% ({p['median_wait_ms']:.3f}, {p['max_later_wait_ms']:.2f} ms), "
+              f"prefetch {100 * a['later_wait_fraction']:.3f}% ({a['median_wait_ms']:.3f}, {a['max_later_wait_ms']:.2f} ms; "
+              f"first batch {1e3 * a['first_wait_s']:.1f} ms); batches identical: {r['identical_batches']}")
 
 
 if __name__ == "__main__":

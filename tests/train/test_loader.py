@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import tracemalloc
 
 import numpy as np
 import pytest
 import synthetic
+import torch
 
 from pipeline.formats import FormatError
 from pipeline.formats.manifest import ManifestError, load_plan
@@ -184,7 +186,7 @@ def test_every_sample_of_an_epoch_is_seen_once_across_ranks(run):
     assert len(orders) == 2 and orders[0] != orders[1]
 
 
-def test_global_batch_does_not_depend_on_ranks_or_workers(run):
+def test_global_batch_does_not_depend_on_ranks_or_prefetch(run):
     manifest, mixture = load_plan(run)
     whole = [b.tokens for b in MixtureLoader(run, manifest, mixture, 8).batches(0, 12)]
     for world in (2, 4, 8):
@@ -193,11 +195,8 @@ def test_global_batch_does_not_depend_on_ranks_or_workers(run):
         for i in range(12):
             assert (np.concatenate([p[i].tokens for p in parts]) == whole[i].numpy()).all()
     loader = MixtureLoader(run, manifest, mixture, 8, samples=3 * 8)
-    got = []
-    for batch in loader.as_dataloader(num_workers=2):
-        got.append(batch)
-        if len(got) == 6:
-            break
+    with loader.prefetch(depth=2) as batches:
+        got = [next(batches) for _ in range(6)]
     assert [b.index for b in got] == list(range(3, 9))
     for b in got:
         assert (b.tokens == whole[b.index]).all()
@@ -217,6 +216,171 @@ def test_resume_is_one_integer(run):
     assert len(first) == 5
     with pytest.raises(ValueError, match="another mixture"):
         b.load_state_dict({**state, "fingerprint": "0" * 64})
+
+
+# -- prefetch --------------------------------------------------------------------------------------
+
+def _same(a, b) -> None:
+    assert a.index == b.index
+    assert (a.tokens == b.tokens).all() and a.tokens.dtype == b.tokens.dtype
+    assert (a.sources == b.sources).all()
+
+
+def _wait_until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("start,rank,world,depth", [(0, 0, 1, 3), (5, 0, 1, 3), (7, 1, 2, 3), (5, 0, 1, 0)])
+def test_prefetch_hands_out_the_batches_of_plain_iteration(run, start, rank, world, depth):
+    """Same batches (index, tokens, sources) as iterating the loader, from the start and from a
+    resume position; `samples` counts the batches taken, not those the thread read ahead."""
+    manifest, mixture = load_plan(run)
+    plain = MixtureLoader(run, manifest, mixture, 8, rank, world, samples=start * 8)
+    expected = [b for b, _ in zip(plain, range(40))]
+    loader = MixtureLoader(run, manifest, mixture, 8, rank, world, samples=start * 8)
+    ahead = (lambda: batches._queue.full()) if depth else (lambda: True)
+    with loader.prefetch(depth=depth) as batches:
+        assert (batches.thread is not None) == (depth > 0)
+        _wait_until(ahead)  # a thread is `depth` batches ahead, none taken
+        assert loader.samples == start * 8
+        waits = []
+        for k, want in enumerate(expected, 1):
+            batch = next(batches)
+            _same(batch, want)
+            waits.append(batch.wait_s)
+            _wait_until(ahead)
+            assert loader.samples == (start + k) * 8
+        assert batches.taken == 40
+        assert batches.wait_s == pytest.approx(sum(waits), rel=1e-9) and batches.wait_s > 0
+    # a bounded range ends like batches(): StopIteration after the last one, thread gone
+    loader = MixtureLoader(run, manifest, mixture, 8, rank, world, samples=start * 8)
+    batches = loader.prefetch(depth=depth, stop_batch=start + 9)
+    got = list(batches)
+    assert [b.index for b in got] == list(range(start, start + 9))
+    for a, b in zip(got, expected):
+        _same(a, b)
+    assert loader.samples == (start + 9) * 8 and not (depth and batches.thread.is_alive())
+    assert batches.wait_s >= sum(b.wait_s for b in got)  # and the wait for the end
+
+
+def test_prefetch_depth_follows_the_device(run):
+    """A thread (pinned memory where CUDA is there) for a CUDA device; on a CPU, where the step
+    keeps the cores busy, the batches are read in next()."""
+    manifest, mixture = load_plan(run)
+    loader = MixtureLoader(run, manifest, mixture, 8)
+    assert loader.prefetch(device=torch.device("cpu")).thread is None
+    assert loader.prefetch().thread is None
+    on_gpu = loader.prefetch(device="cuda")
+    assert on_gpu.thread is not None and next(on_gpu).index == 0
+    assert next(on_gpu).tokens.is_pinned() == torch.cuda.is_available()
+    loader.close()
+    assert not on_gpu.thread.is_alive()
+
+
+def test_a_checkpoint_after_prefetch_resumes_at_the_next_batch(run):
+    manifest, mixture = load_plan(run)
+    whole = list(MixtureLoader(run, manifest, mixture, 8).batches(0, 20))
+    a = MixtureLoader(run, manifest, mixture, 8)
+    batches = a.prefetch(depth=4)
+    for _ in range(6):
+        next(batches)
+    _wait_until(batches._queue.full)  # batches 6..9 read, not taken
+    state = a.state_dict()
+    a.close()
+    assert state["samples"] == 6 * 8 and not batches.thread.is_alive() and not a.shards.fds
+    b = MixtureLoader(run, manifest, mixture, 8)
+    b.load_state_dict(state)
+    with b.prefetch() as rest:
+        for want in whole[6:]:
+            _same(next(rest), want)
+
+
+def _corrupt_window_of_batch(run_dir: str, k: int, global_batch: int = 8):
+    """Write an id outside the vocabulary in the middle of a window that batch k holds and no
+    earlier batch does; the (path, token offset) the error must name."""
+    manifest, mixture = load_plan(run_dir)
+    loader = MixtureLoader(run_dir, manifest, mixture, global_batch)
+    earlier = loader.index.refs(0, k * global_batch)
+    refs = loader.index.refs(k * global_batch, (k + 1) * global_batch)
+    s, j = next((s, j) for s, j in zip(refs.source.tolist(), refs.sample.tolist())
+                if not ((earlier.source == s) & (earlier.sample == j)).any())
+    path, offset = loader.streams[s].where(j * SEQ + SEQ // 2)  # inside window j only
+    loader.close()
+    with open(path, "r+b") as fh:
+        fh.seek(offset * 2)
+        fh.write(np.array([65535], dtype="<u2").tobytes())
+    return path, offset
+
+
+@pytest.mark.parametrize("prefetch", [None, 0, 2])
+def test_a_bad_window_stops_at_its_own_batch(run, tmp_path, prefetch):
+    """Batch 5 holds a window with an id outside the vocabulary: batches 0-4 (read and checked in
+    the same staging buffer) come out, then FormatError names the shard and offset, also when the
+    thread read it long before."""
+    import shutil
+
+    bad = tmp_path / "run"
+    shutil.copytree(run, bad)
+    path, offset = _corrupt_window_of_batch(str(bad), 5)
+    manifest, mixture = load_plan(run)
+    good = list(MixtureLoader(run, manifest, mixture, 8).batches(0, 5))
+    loader = MixtureLoader(str(bad), manifest, mixture, 8)
+    batches = iter(loader) if prefetch is None else loader.prefetch(depth=prefetch)
+    if prefetch:
+        _wait_until(lambda: not batches.thread.is_alive() or batches._queue.full())
+    for want in good:
+        _same(next(batches), want)
+    assert loader.samples == 5 * 8
+    with pytest.raises(FormatError, match=f"{path}: token offset {offset:,}: token id 65535 is outside"):
+        next(batches)
+    assert loader.samples == 5 * 8
+    if prefetch is not None:
+        assert not (prefetch and batches.thread.is_alive())
+        with pytest.raises(StopIteration):
+            next(batches)
+
+
+def test_prefetch_stops_on_close_collection_and_errors(run):
+    manifest, mixture = load_plan(run)
+    loader = MixtureLoader(run, manifest, mixture, 8)
+    # close() mid-stream, with the thread blocked on a full queue
+    batches = loader.prefetch(depth=2)
+    next(batches)
+    _wait_until(batches._queue.full)
+    t0 = time.perf_counter()
+    batches.close()
+    assert time.perf_counter() - t0 < 1.0
+    assert not batches.thread.is_alive() and loader.samples == 8
+    with pytest.raises(StopIteration):
+        next(batches)
+    # dropped without close(): garbage collection stops the thread
+    import gc
+
+    batches = loader.prefetch(depth=2)
+    next(batches)
+    thread = batches.thread
+    del batches
+    gc.collect()
+    thread.join(2.0)
+    assert not thread.is_alive() and loader.samples == 16
+    # an exception in the training loop, under `with`
+    with pytest.raises(ZeroDivisionError), loader.prefetch(depth=2) as batches:
+        for batch in batches:
+            if batch.index == 4:
+                raise ZeroDivisionError
+    assert not batches.thread.is_alive() and loader.samples == 5 * 8
+    # a new prefetch stops the one before; loader.close() stops the current one, then closes shards
+    first = loader.prefetch(depth=2)
+    second = loader.prefetch(depth=2)
+    assert not first.thread.is_alive() and next(second).index == 5
+    loader.close()
+    assert not second.thread.is_alive() and not loader.shards.fds
+    assert not [t for t in threading.enumerate() if t.name == "tinyprep-prefetch"]
+    with pytest.raises(ValueError, match="depth -1"):
+        loader.prefetch(depth=-1)
 
 
 def test_world_must_divide_the_global_batch():
