@@ -362,10 +362,12 @@ class TrainConfig(_Model):
     checkpoint_every: int = Field(1000, ge=0, description="steps between DCP checkpoints (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="most recent checkpoints kept")
     nproc: int | None = Field(None, gt=0, description="processes on this machine; null: one per GPU, or 1 on CPU")
+    prefetch: int | None = Field(
+        None, ge=0, description="batches a thread reads ahead of the step; null: 2 on GPU (pinned memory), 0 on CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(1337, description="seed of the weight initialization")
     peak_flops: float | None = Field(
-        None, gt=0, description="peak FLOP/s of one device for MFU; null: A100/H100/H200 by name (bf16 dense)")
+        None, gt=0, description="peak FLOP/s of one device for MFU; null: by GPU name (bf16 dense; metrics.py's table)")
     dir: str = Field("train", description="where checkpoints and metrics go, relative to the run directory")
 
     @field_validator("dir")

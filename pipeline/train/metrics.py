@@ -165,6 +165,8 @@ def format_line(r: dict) -> str:
         return f"step {r['step']:>6} | val loss {r['val_loss']:.4f} ({per})"
     parts = [f"step {r['step']:>6}/{r['max_steps']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
              f"grad {r['grad_norm']:.3f}", f"{r['tokens_per_s']:,.0f} tok/s"]
+    if r.get("data_wait"):
+        parts.append(f"data wait {100 * r['data_wait']:.1f}%")
     if r.get("mfu") is not None:
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
     parts.append(" ".join(f"{k} {v['epochs']:.3f}ep" for k, v in r.get("sources", {}).items()))

@@ -296,6 +296,15 @@ class Trainer:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
         return norm.detach()
 
+    def train_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on this rank's rows: (mean loss, gradient norm before clipping), both
+        still on the device."""
+        loss = self.forward_backward(tokens)
+        grad_norm = self.clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
     def _lr(self, step: int) -> float:
         cfg = self.cfg
         return learning_rate(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps or self.plan.max_steps)
@@ -303,9 +312,9 @@ class Trainer:
     def fit(self) -> None:
         plan, cfg, env = self.plan, self.cfg, self.env
         gb, seq_len = cfg.global_batch, plan.mixture.seq_len
-        batches = self.loader.prefetch(device=env.device)
+        batches = self.loader.prefetch(cfg.prefetch, device=env.device)
         first = self.step + 1
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
         pending: dict[int, bytes] = {}  # this rank's row digests of each step since the last record
         self.model.train()
         while self.step < plan.max_steps:
@@ -313,10 +322,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             batch = next(batches)
-            local_loss = self.forward_backward(batch.tokens)
-            grad_norm = self.clip_gradients()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            window_wait += batch.wait_s
+            local_loss, grad_norm = self.train_step(batch.tokens)
             self.step += 1
             window_steps += 1
             done = self.step
@@ -343,20 +350,21 @@ class Trainer:
                     "kind": "train", "step": done, "max_steps": plan.max_steps, "samples": self.loader.samples,
                     "loss": loss_sum / env.world, "lr": lr, "grad_norm": norm,
                     "tokens_per_s": tok_s, "tokens_per_s_per_device": per_device,
+                    "data_wait": window_wait / elapsed,  # share of the window rank 0 waited for batches
                     "mfu": self.flops_per_token * per_device / self.peak if self.peak else None,
                     "batch": hashes[str(done)], "batches": hashes,  # this step's; every step's since the last
                     "world": env.world,
                     "sources": self.loader.index.consumed(self.loader.samples),
                 })
                 pending = {}
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
             evaluated = self.holdout is not None and (done % cfg.eval_every == 0 or last)
             if evaluated:
                 self.evaluate()
             if saved:
                 self.save()
             if evaluated or saved:  # tokens/s counts training steps only
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
             if self.fault_step is not None and done == self.fault_step:
                 os._exit(17)  # fault injection: die like a killed job (no cleanup, no checkpoint)
 

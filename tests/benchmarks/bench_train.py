@@ -79,11 +79,7 @@ def make_plan(run_dir: str, args, device: str, nproc: int):
 
 def trainer_step(trainer, batches) -> None:
     """One optimizer step as Trainer.fit takes it (its loader, micro-batches, clipping, AdamW)."""
-    batch = next(batches)
-    trainer.forward_backward(batch.tokens)
-    trainer.clip_gradients()
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.train_step(next(batches).tokens)
 
 
 class Baseline:

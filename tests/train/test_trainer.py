@@ -119,19 +119,22 @@ def test_loss_falls(reference):
     assert src["web"]["tokens"] + src["code"]["tokens"] == 8 * 8 * SEQ
     assert src["web"]["samples"] in (44, 45) and src["web"]["epochs"] > 0
     assert steps[8]["tokens_per_s"] > 0 and steps[8]["mfu"] is None  # no peak FLOP/s known for a CPU
+    assert all(0 <= r["data_wait"] < 1 for r in steps.values())
 
 
 def test_kill_and_resume_gives_the_identical_loss_sequence(run_dir, reference, monkeypatch):
+    """With a prefetch thread reading 2 batches ahead (the GPU default; the reference reads in the
+    step): the checkpoint's position counts only the batches the steps took."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv(FAULT_ENV, "exit-after-step:5")  # every rank dies after step 5 (checkpoint at 3)
     with pytest.raises(TrainError, match="a training process failed"):
-        train(_recipe(run_dir, dir="killed"))
+        train(_recipe(run_dir, dir="killed", prefetch=2))
     assert [c.name for c in sorted((Path(run_dir) / "killed" / "checkpoints").iterdir())] == ["step-00000003"]
     before = read_metrics(Path(run_dir) / "killed")
     assert [(r["kind"], r["step"]) for r in before] == [("train", 1), ("train", 2), ("train", 3), ("train", 4),
                                                         ("eval", 4)]
     monkeypatch.delenv(FAULT_ENV)
-    train(_recipe(run_dir, dir="killed"))
+    train(_recipe(run_dir, dir="killed", prefetch=2))
     records = read_metrics(Path(run_dir) / "killed")
     # steps 4 and 5 ran twice (before the crash, and after resuming from step 3); logged once
     got, want = _by_step(records), _by_step(reference)
