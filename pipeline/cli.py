@@ -85,11 +85,14 @@ def run(recipe: str, output: str | None, stages: str | None, overrides: tuple[st
     from .layout import RunDirError
     from .preflight import PreflightError
     from .runner import run_recipe
-    from .stage import StageFailed
+    from .stage import STAGES, StageFailed
 
     if output is not None and not output.strip():
         _fail("--output: must not be empty", 2)
     wanted = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    unknown = [s for s in wanted or [] if s not in STAGES]
+    if unknown:
+        _fail(f"--stages: unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGES)}", 2)
     try:
         r = load_recipe(recipe, list(overrides), output)
     except RecipeError as e:

@@ -317,3 +317,10 @@ def test_run_refuses_an_escaping_train_dir_and_an_alias_bomb(tmp_path):
     proc = tinyprep("validate", str(_write(tmp_path, _laughs(9))), cwd=tmp_path)
     _one_error_line(proc, "values (aliases?)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.yaml"]
+
+
+def test_run_refuses_an_unknown_stage_as_a_usage_error(tmp_path):
+    text = HEAD.replace("/tmp/out", str(tmp_path / "run"))
+    proc = tinyprep("run", str(_write(tmp_path, text)), "--stages", "ingest,bogus", cwd=tmp_path)
+    _one_error_line(proc, "--stages: unknown stage(s) bogus; the stages are download, ingest, dedup, tokenize, mix")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.yaml"]
