@@ -12,7 +12,6 @@ every step is in the file once, whatever crashed where.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 
@@ -120,16 +119,8 @@ def truncate_after(path: str, step: int) -> int:
             kept.append(line)
     dropped = len(lines) - len(kept)
     if dropped:
-        tmp = storage.temp_name(path)
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(b"".join(line + b"\n" for line in kept))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with storage.atomic_open(str(path)) as fh:
+            fh.write(b"".join(line + b"\n" for line in kept))
     return dropped
 
 
