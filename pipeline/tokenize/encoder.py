@@ -199,7 +199,44 @@ def _plan(info: dict) -> tuple[bool, str | None, dict]:
     in_multi = set(chain.from_iterable(multi))
     cut_chars = "".join(c for c in CUT_CANDIDATES
                         if c not in in_multi and (byte_fallback or c in singles))
-    return True, None, {"prefix": info["add_dummy_prefix"], "cut_chars": cut_chars}
+    # pair cuts need byte fallback: without it, unknown characters on both sides of a cut
+    # would be merged into one <unk>
+    groups = _char_groups(multi) if byte_fallback else []
+    return True, None, {"prefix": info["add_dummy_prefix"], "cut_chars": cut_chars,
+                        "groups": groups}
+
+
+def _char_groups(multi: list[str]) -> list[str]:
+    """The characters of the multi-character pieces (other than the whitespace symbol), grouped
+    so that any two characters adjacent in a piece are in the same group: the connected
+    components of the "adjacent in some piece" relation. Two neighbouring characters of different
+    groups (or one of them in no group) are never inside one piece, so BPE never merges across
+    them. Largest group first."""
+    parent: dict[str, str] = {}
+
+    def find(c: str) -> str:
+        root = c
+        while parent.setdefault(root, root) != root:
+            root = parent[root]
+        while parent[c] != root:
+            parent[c], c = root, parent[c]
+        return root
+
+    for p in multi:
+        prev = None
+        for c in p:
+            if c == WS:
+                prev = None
+                continue
+            r = find(c)
+            if prev is not None and r != prev:
+                parent[r] = prev
+                r = prev
+            prev = r
+    groups: dict[str, list[str]] = {}
+    for c in parent:
+        groups.setdefault(find(c), []).append(c)
+    return sorted(("".join(sorted(g)) for g in groups.values()), key=lambda g: (-len(g), g))
 
 
 def fast_path_supported(model_path_or_proto: Any) -> tuple[bool, str | None]:
@@ -212,14 +249,44 @@ def fast_path_supported(model_path_or_proto: Any) -> tuple[bool, str | None]:
     return ok, why
 
 
-def _segmenter(cut_chars: str):
-    ws = " " + WS
-    if cut_chars:
-        cc = "".join(re.escape(c) for c in cut_chars)
-        pat = f"[{cc}]+|[{ws}]+[^{ws}{cc}]*|[^{ws}{cc}]+"
+def _class_body(chars: str) -> str:
+    """The inside of a regex character class matching exactly ``chars`` (as code point ranges)."""
+    cps = sorted(set(map(ord, chars)))
+    out, i = [], 0
+    while i < len(cps):
+        j = i
+        while j + 1 < len(cps) and cps[j + 1] == cps[j] + 1:
+            j += 1
+        out.append(re.escape(chr(cps[i])) if i == j
+                   else f"{re.escape(chr(cps[i]))}-{re.escape(chr(cps[j]))}")
+        i = j + 1
+    return "".join(out)
+
+
+def _segment_pattern(cut_chars: str, groups: list[str]) -> str:
+    """The segments, as alternatives of one regex (ENCODER.md, "Where the cuts go"):
+
+    * a run of cut characters;
+    * a (possibly empty) run of whitespace, then a run of characters of one group, or else one
+      character that is in no group (any character but whitespace and cut characters when there
+      are no groups: the word cuts alone);
+    * a run of whitespace at the end of the text or before a cut character.
+    """
+    ws = _class_body(" " + WS)
+    cc = _class_body(cut_chars)
+    alts = [f"[{cc}]+"] if cut_chars else []
+    if groups:
+        bodies = [_class_body(g) for g in groups]
+        runs = "|".join(f"[{b}]+" for b in bodies)
+        alts.append(f"[{ws}]*+(?:{runs}|[^{ws}{cc}{''.join(bodies)}])")
     else:
-        pat = f"[{ws}]+[^{ws}]*|[^{ws}]+"
-    return re.compile(pat).findall
+        alts.append(f"[{ws}]*+[^{ws}{cc}]+")
+    alts.append(f"[{ws}]+")
+    return "|".join(alts)
+
+
+def _segmenter(cut_chars: str, groups: list[str]):
+    return re.compile(_segment_pattern(cut_chars, groups)).findall
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,13 +330,14 @@ class Encoder:
         self._freq: Counter = Counter()
         self._bytes = 0
         self._since_aging = self._batches_since_aging = 0
-        self._stats = dict(docs=0, tokens=0, segments=0, hits=0, misses=0, long_segments=0,
-                           evictions=0, fallback_docs=0)
+        self._stats = {"docs": 0, "tokens": 0, "segments": 0, "hits": 0, "misses": 0, "long_segments": 0,
+                           "evictions": 0, "fallback_docs": 0}
         if self.fast:
             self._raw = spm.SentencePieceProcessor(model_proto=model + _NO_DUMMY_PREFIX)
             self._prefix = plan["prefix"]
             self.cut_chars = plan["cut_chars"]
-            self._findall = _segmenter(self.cut_chars)
+            self.groups = plan["groups"]
+            self._findall = _segmenter(self.cut_chars, self.groups)
             self._sep = self._sep_id = None
             for c in self.cut_chars:  # "\n" first where it is one
                 ids = self._raw.encode(c)

@@ -27,9 +27,9 @@ from pipeline.tokenize.encoder import (
     with_bos_eos,
 )
 
-LLAMA = dict(model_type="bpe", byte_fallback=True, split_digits=True,
-             normalization_rule_name="identity", add_dummy_prefix=True,
-             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True)
+LLAMA = {"model_type": "bpe", "byte_fallback": True, "split_digits": True,
+             "normalization_rule_name": "identity", "add_dummy_prefix": True,
+             "remove_extra_whitespaces": False, "allow_whitespace_only_pieces": True}
 
 # name -> (trainer settings over LLAMA, whether the fast path applies)
 VARIANTS = {
@@ -323,7 +323,10 @@ def test_segments_rules(models):
     assert enc.segments("a") == [" a"]
     assert enc.segments("  hello world\n\n\tfoo  ") == ["   hello", " world", "\n\n\t", "foo", "  "]
     assert enc.segments(f"a{WS}b {WS} c") == [" a", f"{WS}b", f" {WS} c"]
-    assert enc.segments("x1 23y") == [" x1", " 23y"]  # digits are not cut: nothing to gain
+    # pair cuts: letters and punctuation are different groups (no piece mixes scripts); split
+    # digits are in no multi-character piece, so every digit is a segment
+    assert enc.segments("x1 23y") == [" x", "1", " 2", "3", "y"]
+    assert enc.segments("f(a, b);") == [" f", "(", "a", ",", " b", ");"]
     nd = Encoder(models["no_dummy_prefix"])
     assert nd.segments("a b") == ["a", " b"] and nd.segments(" a") == [" a"]
     assert nd.segments("") == []
@@ -361,7 +364,7 @@ def test_whitespace_only_pieces_exact(models):
                  if set(p) == {WS} and len(p) > 1]
     assert ws_pieces, "the test model should have whitespace-only pieces"
     enc = Encoder(models["llama"])
-    texts = [" " * n + w for n in range(0, 40) for w in ("x", "the", "\n", "", "\tx", WS)]
+    texts = [" " * n + w for n in range(40) for w in ("x", "the", "\n", "", "\tx", WS)]
     texts += ["a" + " " * n for n in range(40)] + [" " * n for n in range(1, 40)]
     texts += [f"{WS * n}the{' ' * m}end" for n in range(6) for m in range(6)]
     assert_same(enc, sp, texts)
@@ -449,7 +452,7 @@ def test_fill_paths_exact(models, sample_texts):
 def test_long_segments_not_cached(models):
     enc = Encoder(models["llama"], max_segment_chars=10)
     long_word = "supercalifragilistic"
-    texts = [f"a {long_word} b", f"{long_word}!"]
+    texts = [f"a {long_word} b", f"({long_word}"]
     assert enc.encode(texts) == sp_of(models["llama"]).encode(texts)
     assert all(len(k) <= 10 for k in enc._cache)
     assert enc.stats()["long_segments"] == 2
@@ -527,7 +530,7 @@ def test_sub_batches(models, sample_texts, monkeypatch):
     monkeypatch.setattr(encmod, "_CHUNK_CHARS", 3000)
     enc = Encoder(models["llama"], cache_entries=200)
     assert enc.encode(texts) == sp.encode(texts)
-    ids, lengths = enc.encode_to_array(texts)
+    ids, _lengths = enc.encode_to_array(texts)
     assert ids.tolist() == [i for w in sp.encode(texts) for i in w]
     mixed = texts + [b"bytes at the end"]
     assert enc.encode(mixed) == sp.encode(mixed)
