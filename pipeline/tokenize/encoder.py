@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections import Counter
 from itertools import chain
 from operator import itemgetter
@@ -331,7 +332,14 @@ class Encoder:
         self._bytes = 0
         self._since_aging = self._batches_since_aging = 0
         self._stats = {"docs": 0, "tokens": 0, "segments": 0, "hits": 0, "misses": 0, "long_segments": 0,
-                           "evictions": 0, "fallback_docs": 0}
+                           "evictions": 0, "fallback_docs": 0, "plain_docs": 0, "probes": 0}
+        self._pays = True  # the last decision of _segments_pay
+        self._probe_in = 0  # sub-batches until the next probe
+        self._probe_every = 1
+        self._probe_ratio = 0.0
+        self._novel = 0  # sub-batches in a row with mostly missed segments
+        self._hold = 0  # sub-batches still to encode plainly because of them
+        self._hold_next = _HOLD_MIN
         if self.fast:
             self._raw = spm.SentencePieceProcessor(model_proto=model + _NO_DUMMY_PREFIX)
             self._prefix = plan["prefix"]
@@ -375,8 +383,9 @@ class Encoder:
             return self._findall(" " + text) if text else []
         return self._findall(text)
 
-    def _encode_bytes(self, texts: list[str]) -> list[bytes]:
-        """Each document's ids as packed bytes of ``dtype`` (fast path)."""
+    def _encode_bytes(self, texts: list[str], nchars: int = 0) -> list[bytes]:
+        """Each document's ids as packed bytes of ``dtype`` (fast path); ``nchars``: the
+        documents' characters (counts sub-batches of mostly new segments, _NOVEL_SHARE)."""
         findall = self._findall
         if self._prefix:
             frags = [findall(" " + t) if t else [] for t in texts]
@@ -388,6 +397,13 @@ class Encoder:
         transient: list[str] = []
         if missing:
             transient = self._fill(list(missing))
+            if sum(map(len, missing)) > _NOVEL_SHARE * nchars:
+                self._novel += 1
+            else:
+                self._novel = 0
+                self._hold_next = _HOLD_MIN
+        else:
+            self._novel = 0
         freq = self._freq
         freq.update(uniq)
         self._since_aging += len(uniq)
@@ -495,41 +511,81 @@ class Encoder:
         self._stats["fallback_docs"] += len(texts)
         return self._sp.encode(texts, num_threads=self.threads)
 
-    def _packed(self, texts: list) -> list[bytes] | None:
-        """Fast path, or None where SentencePiece itself must answer: not a fast model, or
+    def _parts(self, texts: list) -> list[tuple[bool, list]] | None:
+        """The batch in sub-batches of about _CHUNK_CHARS characters (they bound the memory of
+        the segment lists), each as (True, packed bytes per document) from the segment cache or
+        (False, id lists) from plain batched SentencePiece where segments do not pay (see
+        ``_segments_pay``). None where SentencePiece itself must answer: not a fast model, or
         input that is not all str (bytes, None) or not encodable (lone surrogates), where it
         either encodes (bytes) or raises its own error."""
         if not self.fast:
             return None
         try:
-            # sub-batches of about _CHUNK_CHARS characters bound the memory of the segment lists
-            if sum(map(len, texts)) <= _CHUNK_CHARS:
-                return self._encode_bytes(texts)
-            out: list[bytes] = []
-            start = size = 0
-            for i, t in enumerate(texts):
-                size += len(t)
-                if size >= _CHUNK_CHARS:
-                    out += self._encode_bytes(texts[start:i + 1])
-                    start, size = i + 1, 0
-            if start < len(texts):
-                out += self._encode_bytes(texts[start:])
+            out = []
+            for chunk, nchars in _chunks(texts):
+                if self._segments_pay(chunk, nchars):
+                    out.append((True, self._encode_bytes(chunk, nchars)))
+                else:
+                    self._stats["plain_docs"] += len(chunk)
+                    out.append((False, self._sp.encode(chunk, num_threads=self.threads)))
             return out
         except TypeError:
             return None
+
+    def _segments_pay(self, chunk: list, nchars: int) -> bool:
+        """Whether this sub-batch goes through the segment cache (True) or to plain batched
+        SentencePiece. Segments do not pay on text whose segments are very short or do not
+        repeat (base64, random or unsegmented scripts, minified code): there the cache's cost
+        per segment exceeds SentencePiece's per character. Decided by timing both on a sample
+        of the sub-batch (about 1/256 of it, at most _PROBE_CHARS), and by the share of
+        characters in segments the cache missed, which stays high on text that never repeats;
+        probes back off to every _PROBE_MAX-th sub-batch while the decision holds (segments
+        that keep missing send _HOLD_MIN to _HOLD_MAX sub-batches to plain encoding). Either
+        answer gives the same ids: only speed depends on it."""
+        if self._novel >= _NOVEL_BATCHES:  # segments keep missing: plain for a while
+            self._novel = 0
+            self._hold = self._hold_next
+            self._hold_next = min(2 * self._hold_next, _HOLD_MAX)
+        if self._hold > 0:
+            self._hold -= 1
+            return False
+        if self._probe_in > 0:
+            self._probe_in -= 1
+            return self._pays
+        sample = _sample(chunk, min(_PROBE_CHARS, nchars // 256))
+        if len(sample) < _PROBE_MIN:
+            return self._pays
+        t0 = time.process_time()
+        self._sp.encode(sample)
+        t1 = time.process_time()
+        get = self._cache.get
+        for k in self._findall(" " + sample):
+            get(k)
+        t2 = time.process_time()
+        pays = (t2 - t1) < _PROBE_RATIO * (t1 - t0)
+        self._stats["probes"] += 1
+        self._probe_ratio = (t2 - t1) / max(t1 - t0, 1e-9)
+        if pays == self._pays:
+            self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
+        else:
+            self._probe_every = 1
+        self._pays = pays
+        self._probe_in = self._probe_every - 1
+        return pays
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Ids exactly as ``SentencePieceProcessor.encode(texts)`` (no BOS/EOS)."""
         texts = list(texts)
         st = self._stats
-        packed = self._packed(texts)
-        if packed is None:
+        parts = self._parts(texts)
+        if parts is None:
             out = self._plain(texts)
-            st["tokens"] += sum(map(len, out))
         else:
-            st["tokens"] += sum(map(len, packed)) // self._itemsize
             dt = self.dtype
-            out = [np.frombuffer(b, dtype=dt).tolist() for b in packed]
+            out = []
+            for fast, part in parts:
+                out += [np.frombuffer(b, dtype=dt).tolist() for b in part] if fast else part
+        st["tokens"] += sum(map(len, out))
         st["docs"] += len(texts)
         return out
 
@@ -538,15 +594,25 @@ class Encoder:
         on the fast path. The array is writable and owns its memory."""
         texts = list(texts)
         st = self._stats
-        packed = self._packed(texts)
-        if packed is None:
-            lists = self._plain(texts)
-            lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-            ids = np.fromiter(chain.from_iterable(lists), dtype=self.dtype, count=int(lengths.sum()))
+        parts = self._parts(texts)
+        if parts is None:
+            parts = [(False, self._plain(texts))]
+        ids, lengths = [], []
+        for fast, part in parts:
+            if fast:
+                n = np.fromiter(map(len, part), dtype=np.int64, count=len(part))
+                n //= self._itemsize
+                ids.append(np.frombuffer(bytearray().join(part), dtype=self.dtype))
+            else:
+                n = np.fromiter(map(len, part), dtype=np.int64, count=len(part))
+                ids.append(np.fromiter(chain.from_iterable(part), dtype=self.dtype, count=int(n.sum())))
+            lengths.append(n)
+        if not ids:
+            ids, lengths = np.zeros(0, dtype=self.dtype), np.zeros(0, dtype=np.int64)
+        elif len(ids) == 1:
+            ids, lengths = ids[0], lengths[0]
         else:
-            lengths = np.fromiter(map(len, packed), dtype=np.int64, count=len(packed))
-            lengths //= self._itemsize
-            ids = np.frombuffer(bytearray().join(packed), dtype=self.dtype)
+            ids, lengths = np.concatenate(ids), np.concatenate(lengths)
         st["docs"] += len(texts)
         st["tokens"] += len(ids)
         return ids, lengths
@@ -555,7 +621,9 @@ class Encoder:
         """Counters since creation: docs, tokens, segments (fast path), hits and misses (distinct
         segments per batch that SentencePiece encoded), hit_rate, long_segments (over
         max_segment_chars, never cached), evictions, fallback_docs (documents encoded by plain
-        SentencePiece because the fast path is off), entries and approx_bytes of the cache
+        SentencePiece because the fast path is off), plain_docs (documents of sub-batches sent
+        to plain SentencePiece because segments did not pay there), probes (timed samples
+        behind that decision), entries and approx_bytes of the cache
         (``sys.getsizeof`` of its keys, values and two dicts; the allocator adds some)."""
         st = dict(self._stats)
         st["fast"] = self.fast
@@ -570,6 +638,44 @@ _GROUP = 64
 # Characters of text per internal sub-batch: its segment strings take about 6 bytes per
 # character while it is encoded (a batch's counts and frequency updates are per sub-batch).
 _CHUNK_CHARS = 1 << 21
+# Encoder._segments_pay: the sample's size (at most, at least), the most sub-batches between
+# probes, the largest cost of segmenting and looking up the sample as a share of encoding it
+# with SentencePiece, and how many sub-batches in a row with more than _NOVEL_SHARE of their
+# characters in missed segments make the next probe choose plain encoding.
+_PROBE_CHARS = 8192
+_PROBE_MIN = 1024
+_PROBE_MAX = 16
+_PROBE_RATIO = 0.45
+_NOVEL_SHARE = 0.8
+_NOVEL_BATCHES = 3
+# ... and then how many sub-batches are encoded plainly (doubling while it recurs)
+_HOLD_MIN = 4
+_HOLD_MAX = 64
+
+
+def _chunks(texts: list):
+    """(sub-batch, its characters): consecutive documents, a sub-batch closing once it holds
+    _CHUNK_CHARS characters."""
+    start = size = 0
+    for i, t in enumerate(texts):
+        size += len(t)
+        if size >= _CHUNK_CHARS:
+            yield texts[start:i + 1], size
+            start, size = i + 1, 0
+    if start < len(texts):
+        yield texts[start:], size
+
+
+def _sample(chunk: list, n: int) -> str:
+    """About n characters from the start of a sub-batch's documents (whole documents, the last
+    one cut)."""
+    out, size = [], 0
+    for t in chunk:
+        out.append(t[:n - size])
+        size += len(out[-1])
+        if size >= n:
+            break
+    return " ".join(out)
 
 
 def with_bos_eos(ids: np.ndarray, lengths: np.ndarray, bos_id: int | None = None,
