@@ -3,11 +3,12 @@
 ``Encoder(model).encode(texts)`` returns exactly ``SentencePieceProcessor.encode(texts)``'s ids
 (no BOS/EOS; ``with_bos_eos`` adds them), faster on natural text: each document is cut into
 segments whose encodings cannot influence one another (before whitespace that follows a
-non-space, and around control characters no piece contains), every distinct segment is encoded
-once by SentencePiece (a copy of the model without dummy prefix) and its ids are reused from a
-bounded per-process cache. Models for which that is not provably exact (``fast_path_supported``:
-not BPE, a normalization rule, user-defined or UNUSED pieces, ...) go to SentencePiece's
-batched encode.
+non-space, around control characters no piece contains, and between characters that no piece
+holds side by side: letters and punctuation, digits), every distinct segment is encoded once by
+SentencePiece (a copy of the model without dummy prefix) and its ids are reused from a bounded
+per-process cache. Models for which that is not provably exact (``fast_path_supported``: not
+BPE, a normalization rule, user-defined or UNUSED pieces, ...) go to SentencePiece's batched
+encode, and so do sub-batches of text on which segments do not pay (random, base64, minified).
 
 Why this is exact, which models fall back, and how the cache is bounded (about 170 bytes an
 entry): ENCODER.md, next to this file. Change the code and that document together.
