@@ -22,7 +22,7 @@ import os
 import re
 import time
 from collections import Counter
-from itertools import chain
+from itertools import chain, pairwise
 from operator import itemgetter
 from sys import getsizeof
 from typing import Any
@@ -92,6 +92,34 @@ def _fields(buf: bytes):
         yield num, val
 
 
+def _piece(buf: bytes) -> tuple[str, int]:
+    """(piece, type) of a serialized ModelProto.SentencePiece: ``_fields`` unrolled for its
+    three fields (tens of thousands of them per model)."""
+    piece, typ = "", NORMAL
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = (buf[pos], pos + 1) if buf[pos] < 0x80 else _varint(buf, pos)
+        wire = key & 7
+        if wire == 2:
+            n, pos = (buf[pos], pos + 1) if buf[pos] < 0x80 else _varint(buf, pos)
+            if key >> 3 == 1:
+                piece = buf[pos:pos + n].decode("utf-8")
+            pos += n
+        elif wire == 0:
+            v, pos = (buf[pos], pos + 1) if buf[pos] < 0x80 else _varint(buf, pos)
+            if key >> 3 == 3:
+                typ = v
+        elif wire == 5:
+            pos += 4
+        elif wire == 1:
+            pos += 8
+        else:
+            raise ValueError(f"not a SentencePiece model: wire type {wire}")
+        if pos > end:
+            raise ValueError("not a SentencePiece model: truncated")
+    return piece, typ
+
+
 _TRAINER_BOOLS = {21: "split_by_unicode_script", 22: "split_by_whitespace", 23: "split_by_number",
                   24: "treat_whitespace_as_suffix", 25: "split_digits",
                   26: "allow_whitespace_only_pieces", 35: "byte_fallback"}
@@ -116,12 +144,7 @@ def model_info(model: Any) -> dict:
     }
     for num, val in _fields(buf):
         if num == 1:  # pieces
-            piece, typ = "", NORMAL
-            for n, v in _fields(val):
-                if n == 1:
-                    piece = bytes(v).decode("utf-8")
-                elif n == 3:
-                    typ = v
+            piece, typ = _piece(val)
             info["pieces"].append(piece)
             info["types"].append(typ)
         elif num == 2:  # trainer_spec (repeated occurrences merge: later fields win)
@@ -214,29 +237,23 @@ def _char_groups(multi: list[str]) -> list[str]:
     components of the "adjacent in some piece" relation. Two neighbouring characters of different
     groups (or one of them in no group) are never inside one piece, so BPE never merges across
     them. Largest group first."""
-    parent: dict[str, str] = {}
+    chars = set(chain.from_iterable(multi))
+    chars.discard(WS)
+    pairs = {(a, b) for p in multi for a, b in pairwise(p) if a != WS and b != WS}
+    parent = {c: c for c in chars}
 
     def find(c: str) -> str:
-        root = c
-        while parent.setdefault(root, root) != root:
-            root = parent[root]
-        while parent[c] != root:
-            parent[c], c = root, parent[c]
-        return root
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
 
-    for p in multi:
-        prev = None
-        for c in p:
-            if c == WS:
-                prev = None
-                continue
-            r = find(c)
-            if prev is not None and r != prev:
-                parent[r] = prev
-                r = prev
-            prev = r
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[ra] = rb
     groups: dict[str, list[str]] = {}
-    for c in parent:
+    for c in chars:
         groups.setdefault(find(c), []).append(c)
     return sorted(("".join(sorted(g)) for g in groups.values()), key=lambda g: (-len(g), g))
 
