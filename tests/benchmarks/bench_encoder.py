@@ -1,7 +1,8 @@
 """Benchmark: pipeline.tokenize.encoder.Encoder against SentencePiece's batched encode, same ids.
 
     python tests/benchmarks/bench_encoder.py [--mb 8] [--hostile-mb 2] [--vocab 32000]
-        [--batch 256] [--runs 3] [--synthetic] [--profile tottime] [--json]
+        [--batch 256] [--runs 3] [--synthetic] [--only LABELS] [--always-segment]
+        [--profile tottime] [--json]
 
 Corpora (pipeline/tools/realtext.py: real text of this machine, never repeated):
 
@@ -34,6 +35,9 @@ Per corpus, on the same documents in batches of ``--batch`` (measured interleave
   ``encode_to_array`` also converts plain SentencePiece output to one array, which costs
   about 18 ns a token (a lot next to SentencePiece's 30-40 ns on byte-fallback text);
 * ours (warm): a second ``encode_to_array`` pass with the same Encoder (every segment seen).
+
+``--always-segment`` turns the per-sub-batch decision off (every sub-batch through the segment
+cache): what the fallback saves on the hostile corpora.
 
 Every run's ids are checked equal to the floor's (``np.array_equal`` on all ids and on the
 per-document lengths). Also reported, from an untimed streaming pass of a new Encoder (each
@@ -492,7 +496,8 @@ def distinct_share(docs: list[str], model: str) -> float:
 
 
 def run_benchmark(mb: float = 8, hostile_mb: float = 2, vocab: int = 32000, batch: int = 256,
-                  runs: int = 3, synthetic: bool = False, profile: str | None = None) -> dict:
+                  runs: int = 3, synthetic: bool = False, profile: str | None = None,
+                  only: list[str] | None = None) -> dict:
     import sentencepiece as spm
 
     t0 = time.perf_counter()
@@ -502,6 +507,8 @@ def run_benchmark(mb: float = 8, hostile_mb: float = 2, vocab: int = 32000, batc
     if synthetic:
         corpora["stdlib_prose"] = make_prose(mb, 0.10)
         corpora["stdlib_code"] = make_code(mb)
+    if only:
+        corpora = {k: v for k, v in corpora.items() if k in only}
     build_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="bench_encoder_") as tmp:
         model = train_model(prose_rest, code_rest, vocab, tmp)
@@ -546,10 +553,19 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256, help="documents per encode call")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--synthetic", action="store_true", help="also the stdlib docstring corpora")
+    ap.add_argument("--only", default=None, help="comma-separated corpus labels to measure")
+    ap.add_argument("--always-segment", action="store_true",
+                    help="never send a sub-batch to plain encode (what the per-batch decision saves)")
     ap.add_argument("--profile", default=None, help="pstats sort key: profile one cold pass")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    res = run_benchmark(a.mb, a.hostile_mb, a.vocab, a.batch, a.runs, a.synthetic, a.profile)
+    if a.always_segment:
+        from pipeline.tokenize import encoder as encmod
+
+        encmod._PROBE_RATIO = float("inf")
+        encmod._NOVEL_BATCHES = 1 << 60
+    only = a.only.split(",") if a.only else None
+    res = run_benchmark(a.mb, a.hostile_mb, a.vocab, a.batch, a.runs, a.synthetic, a.profile, only)
     print_table(res)
     if a.json:
         print(json.dumps(res, indent=1))
