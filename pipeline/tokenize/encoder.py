@@ -555,7 +555,8 @@ class Encoder:
         SentencePiece. Segments do not pay on text whose segments are very short or do not
         repeat (base64, random or unsegmented scripts, minified code): there the cache's cost
         per segment exceeds SentencePiece's per character. Decided by timing both on a sample
-        of the sub-batch (about 1/256 of it, at most _PROBE_CHARS), and by the share of
+        of the sub-batch (1/64 of it, _PROBE_MIN to _PROBE_CHARS characters; sub-batches under
+        4 x _PROBE_MIN keep the last decision), and by the share of
         characters in segments the cache missed, which stays high on text that never repeats;
         probes back off to every _PROBE_MAX-th sub-batch while the decision holds (segments
         that keep missing send _HOLD_MIN to _HOLD_MAX sub-batches to plain encoding). Either
@@ -570,19 +571,22 @@ class Encoder:
         if self._probe_in > 0:
             self._probe_in -= 1
             return self._pays
-        sample = _sample(chunk, min(_PROBE_CHARS, nchars // 256))
-        if len(sample) < _PROBE_MIN:
+        if nchars < 4 * _PROBE_MIN:  # too little text to time a sample of it
             return self._pays
+        sample = _sample(chunk, min(_PROBE_CHARS, max(_PROBE_MIN, nchars // 64)))
         t0 = time.process_time()
         self._sp.encode(sample)
         t1 = time.process_time()
+        # a quarter of the sample is segmented (the cost is linear in the text; where segments do
+        # not pay it is up to 10 times SentencePiece's, so the probe stays cheap there)
+        part = sample[:len(sample) // 4]
         get = self._cache.get
-        for k in self._findall(" " + sample):
+        for k in self._findall(" " + part):
             get(k)
         t2 = time.process_time()
-        pays = (t2 - t1) < _PROBE_RATIO * (t1 - t0)
+        self._probe_ratio = (t2 - t1) * len(sample) / max(len(part), 1) / max(t1 - t0, 1e-9)
+        pays = self._probe_ratio < _PROBE_RATIO
         self._stats["probes"] += 1
-        self._probe_ratio = (t2 - t1) / max(t1 - t0, 1e-9)
         if pays == self._pays:
             self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
         else:

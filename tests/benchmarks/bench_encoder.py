@@ -210,6 +210,8 @@ def real_corpora(mb: float) -> tuple[dict[str, list[str]], list[str], list[str]]
     py, py_rest = _split(py_all, mb)
     half_c, half_py = _split(c, mb / 2)[0], _split(py, mb / 2)[0]
     code = [d for pair in zip(half_c, half_py) for d in pair]
+    n = min(len(half_c), len(half_py))
+    code += half_c[n:] + half_py[n:]  # alternating, then the rest of the longer one
     return {"prose": prose, "code": code, "c": c, "python": py}, prose_rest, c_rest + py_rest
 
 
