@@ -233,7 +233,7 @@ def make_hostile(kind: str, mb: float, seed: int = 0) -> list[str]:
                 cps.append(chr(c) if rng.random() > 0.1 else " ")
             t = "".join(cps)
         elif kind == "cjk":
-            # Zipf-like draws from 3,500 common Han characters, clause punctuation
+            # Zipf-like draws from 3,500 Han characters (every fifth from U+4E00), clause punctuation
             pool = [chr(0x4E00 + i * 5) for i in range(3500)]
             w = [1 / (i + 1) for i in range(3500)]
             chars = rng.choices(pool, weights=w, k=n // 3)
