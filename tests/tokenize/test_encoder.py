@@ -640,3 +640,17 @@ def test_segments_that_keep_missing_go_plain(models, sample_texts, monkeypatch):
     for _ in range(3):
         assert enc.encode(prose) == sp.encode(prose)
     assert enc.stats()["segments"] > st["segments"] and enc._hold == 0 and enc._novel == 0
+
+
+def test_random_unicode_goes_plain(models, monkeypatch):
+    # one character a segment: segmenting costs several times what SentencePiece spends on such
+    # text (ratio about 1-2 against the 0.45 threshold), so the probes send it to plain encode
+    monkeypatch.setattr(encmod, "_CHUNK_CHARS", 40_000)
+    rng = random.Random(11)
+    texts = ["".join(chr(c) if not 0xD800 <= c < 0xE000 else "?"
+                     for c in (rng.randrange(0x100, 0x30000) for _ in range(4000))) for _ in range(60)]
+    sp = sp_of(models["llama"])
+    enc = Encoder(models["llama"])
+    assert enc.encode(texts) == sp.encode(texts)
+    st = enc.stats()
+    assert st["probes"] > 0 and st["plain_docs"] >= len(texts) // 2, (st, enc._probe_ratio)
