@@ -350,8 +350,9 @@ class Encoder:
         self._freq: Counter = Counter()
         self._bytes = 0
         self._since_aging = self._batches_since_aging = 0
-        self._stats = {"docs": 0, "tokens": 0, "segments": 0, "hits": 0, "misses": 0, "long_segments": 0,
-                           "evictions": 0, "fallback_docs": 0, "plain_docs": 0, "probes": 0}
+        self._stats = {"docs": 0, "tokens": 0, "segments": 0, "hits": 0, "misses": 0,
+                       "long_segments": 0, "evictions": 0, "fallback_docs": 0, "plain_docs": 0,
+                       "probes": 0}
         self._pays = True  # the last decision of _segments_pay
         self._probe_in = 0  # sub-batches until the next probe
         self._probe_every = 1
@@ -402,7 +403,7 @@ class Encoder:
             return self._findall(" " + text) if text else []
         return self._findall(text)
 
-    def _encode_bytes(self, texts: list[str], nchars: int = 0) -> list[bytes]:
+    def _encode_bytes(self, texts: list[str], nchars: int) -> list[bytes]:
         """Each document's ids as packed bytes of ``dtype`` (fast path); ``nchars``: the
         documents' characters (counts sub-batches of mostly new segments, _NOVEL_SHARE)."""
         findall = self._findall
@@ -557,8 +558,8 @@ class Encoder:
         repeat (base64, random or unsegmented scripts, minified code): there the cache's cost
         per segment exceeds SentencePiece's per character. Decided by timing both on a sample
         of the sub-batch (1/64 of it, _PROBE_MIN to _PROBE_CHARS characters; sub-batches under
-        4 x _PROBE_MIN keep the last decision), and by the share of
-        characters in segments the cache missed, which stays high on text that never repeats;
+        4 x _PROBE_MIN keep the last decision), and by the share of characters in segments the
+        cache missed, which stays high on text that never repeats;
         probes back off to every _PROBE_MAX-th sub-batch while the decision holds (segments
         that keep missing send _HOLD_MIN to _HOLD_MAX sub-batches to plain encoding). Either
         answer gives the same ids: only speed depends on it."""
