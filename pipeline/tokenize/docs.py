@@ -6,7 +6,7 @@ and encode phases drop those documents before anything else.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa

@@ -3,11 +3,12 @@
 ``Encoder(model).encode(texts)`` returns exactly ``SentencePieceProcessor.encode(texts)``'s ids
 (no BOS/EOS; ``with_bos_eos`` adds them), faster on natural text: each document is cut into
 segments whose encodings cannot influence one another (before whitespace that follows a
-non-space, and around control characters no piece contains), every distinct segment is encoded
-once by SentencePiece (a copy of the model without dummy prefix) and its ids are reused from a
-bounded per-process cache. Models for which that is not provably exact (``fast_path_supported``:
-not BPE, a normalization rule, user-defined or UNUSED pieces, ...) go to SentencePiece's
-batched encode.
+non-space, around control characters no piece contains, and between characters that no piece
+holds side by side: letters and punctuation, digits), every distinct segment is encoded once by
+SentencePiece (a copy of the model without dummy prefix) and its ids are reused from a bounded
+per-process cache. Models for which that is not provably exact (``fast_path_supported``: not
+BPE, a normalization rule, user-defined or UNUSED pieces, ...) go to SentencePiece's batched
+encode, and so do sub-batches of text on which segments do not pay (random, base64, minified).
 
 Why this is exact, which models fall back, and how the cache is bounded (about 170 bytes an
 entry): ENCODER.md, next to this file. Change the code and that document together.
@@ -15,12 +16,14 @@ entry): ENCODER.md, next to this file. Change the code and that document togethe
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
 import re
+import time
 from collections import Counter
-from itertools import chain
+from itertools import chain, pairwise
 from operator import itemgetter
 from sys import getsizeof
 from typing import Any
@@ -90,6 +93,34 @@ def _fields(buf: bytes):
         yield num, val
 
 
+def _piece(buf: bytes) -> tuple[str, int]:
+    """(piece, type) of a serialized ModelProto.SentencePiece: ``_fields`` unrolled for its
+    three fields (tens of thousands of them per model)."""
+    piece, typ = "", NORMAL
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = (buf[pos], pos + 1) if buf[pos] < 0x80 else _varint(buf, pos)
+        wire = key & 7
+        if wire == 2:
+            n, pos = (buf[pos], pos + 1) if buf[pos] < 0x80 else _varint(buf, pos)
+            if key >> 3 == 1:
+                piece = buf[pos:pos + n].decode("utf-8")
+            pos += n
+        elif wire == 0:
+            v, pos = (buf[pos], pos + 1) if buf[pos] < 0x80 else _varint(buf, pos)
+            if key >> 3 == 3:
+                typ = v
+        elif wire == 5:
+            pos += 4
+        elif wire == 1:
+            pos += 8
+        else:
+            raise ValueError(f"not a SentencePiece model: wire type {wire}")
+        if pos > end:
+            raise ValueError("not a SentencePiece model: truncated")
+    return piece, typ
+
+
 _TRAINER_BOOLS = {21: "split_by_unicode_script", 22: "split_by_whitespace", 23: "split_by_number",
                   24: "treat_whitespace_as_suffix", 25: "split_digits",
                   26: "allow_whitespace_only_pieces", 35: "byte_fallback"}
@@ -114,12 +145,7 @@ def model_info(model: Any) -> dict:
     }
     for num, val in _fields(buf):
         if num == 1:  # pieces
-            piece, typ = "", NORMAL
-            for n, v in _fields(val):
-                if n == 1:
-                    piece = bytes(v).decode("utf-8")
-                elif n == 3:
-                    typ = v
+            piece, typ = _piece(val)
             info["pieces"].append(piece)
             info["types"].append(typ)
         elif num == 2:  # trainer_spec (repeated occurrences merge: later fields win)
@@ -199,7 +225,38 @@ def _plan(info: dict) -> tuple[bool, str | None, dict]:
     in_multi = set(chain.from_iterable(multi))
     cut_chars = "".join(c for c in CUT_CANDIDATES
                         if c not in in_multi and (byte_fallback or c in singles))
-    return True, None, {"prefix": info["add_dummy_prefix"], "cut_chars": cut_chars}
+    # pair cuts need byte fallback: without it, unknown characters on both sides of a cut
+    # would be merged into one <unk>
+    groups = _char_groups(multi) if byte_fallback else []
+    return True, None, {"prefix": info["add_dummy_prefix"], "cut_chars": cut_chars,
+                        "groups": groups}
+
+
+def _char_groups(multi: list[str]) -> list[str]:
+    """The characters of the multi-character pieces (other than the whitespace symbol), grouped
+    so that any two characters adjacent in a piece are in the same group: the connected
+    components of the "adjacent in some piece" relation. Two neighbouring characters of different
+    groups (or one of them in no group) are never inside one piece, so BPE never merges across
+    them. Largest group first."""
+    chars = set(chain.from_iterable(multi))
+    chars.discard(WS)
+    pairs = {(a, b) for p in multi for a, b in pairwise(p) if a != WS and b != WS}
+    parent = {c: c for c in chars}
+
+    def find(c: str) -> str:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[ra] = rb
+    groups: dict[str, list[str]] = {}
+    for c in chars:
+        groups.setdefault(find(c), []).append(c)
+    return sorted(("".join(sorted(g)) for g in groups.values()), key=lambda g: (-len(g), g))
 
 
 def fast_path_supported(model_path_or_proto: Any) -> tuple[bool, str | None]:
@@ -212,14 +269,44 @@ def fast_path_supported(model_path_or_proto: Any) -> tuple[bool, str | None]:
     return ok, why
 
 
-def _segmenter(cut_chars: str):
-    ws = " " + WS
-    if cut_chars:
-        cc = "".join(re.escape(c) for c in cut_chars)
-        pat = f"[{cc}]+|[{ws}]+[^{ws}{cc}]*|[^{ws}{cc}]+"
+def _class_body(chars: str) -> str:
+    """The inside of a regex character class matching exactly ``chars`` (as code point ranges)."""
+    cps = sorted(set(map(ord, chars)))
+    out, i = [], 0
+    while i < len(cps):
+        j = i
+        while j + 1 < len(cps) and cps[j + 1] == cps[j] + 1:
+            j += 1
+        out.append(re.escape(chr(cps[i])) if i == j
+                   else f"{re.escape(chr(cps[i]))}-{re.escape(chr(cps[j]))}")
+        i = j + 1
+    return "".join(out)
+
+
+def _segment_pattern(cut_chars: str, groups: list[str]) -> str:
+    """The segments, as alternatives of one regex (ENCODER.md, "Where the cuts go"):
+
+    * a run of cut characters;
+    * a (possibly empty) run of whitespace, then a run of characters of one group, or else one
+      character that is in no group (any character but whitespace and cut characters when there
+      are no groups: the word cuts alone);
+    * a run of whitespace at the end of the text or before a cut character.
+    """
+    ws = _class_body(" " + WS)
+    cc = _class_body(cut_chars)
+    alts = [f"[{cc}]+"] if cut_chars else []
+    if groups:
+        bodies = [_class_body(g) for g in groups]
+        runs = "|".join(f"[{b}]+" for b in bodies)
+        alts.append(f"[{ws}]*+(?:{runs}|[^{ws}{cc}{''.join(bodies)}])")
     else:
-        pat = f"[{ws}]+[^{ws}]*|[^{ws}]+"
-    return re.compile(pat).findall
+        alts.append(f"[{ws}]*+[^{ws}{cc}]+")
+    alts.append(f"[{ws}]+")
+    return "|".join(alts)
+
+
+def _segmenter(cut_chars: str, groups: list[str]):
+    return re.compile(_segment_pattern(cut_chars, groups)).findall
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,13 +350,22 @@ class Encoder:
         self._freq: Counter = Counter()
         self._bytes = 0
         self._since_aging = self._batches_since_aging = 0
-        self._stats = dict(docs=0, tokens=0, segments=0, hits=0, misses=0, long_segments=0,
-                           evictions=0, fallback_docs=0)
+        self._stats = {"docs": 0, "tokens": 0, "segments": 0, "hits": 0, "misses": 0,
+                       "long_segments": 0, "evictions": 0, "fallback_docs": 0, "plain_docs": 0,
+                       "probes": 0}
+        self._pays = True  # the last decision of _segments_pay
+        self._probe_in = 0  # sub-batches until the next probe
+        self._probe_every = 1
+        self._probe_ratio = 0.0
+        self._novel = 0  # sub-batches in a row with mostly missed segments
+        self._hold = 0  # sub-batches still to encode plainly because of them
+        self._hold_next = _HOLD_MIN
         if self.fast:
             self._raw = spm.SentencePieceProcessor(model_proto=model + _NO_DUMMY_PREFIX)
             self._prefix = plan["prefix"]
             self.cut_chars = plan["cut_chars"]
-            self._findall = _segmenter(self.cut_chars)
+            self.groups = plan["groups"]
+            self._findall = _segmenter(self.cut_chars, self.groups)
             self._sep = self._sep_id = None
             for c in self.cut_chars:  # "\n" first where it is one
                 ids = self._raw.encode(c)
@@ -307,8 +403,9 @@ class Encoder:
             return self._findall(" " + text) if text else []
         return self._findall(text)
 
-    def _encode_bytes(self, texts: list[str]) -> list[bytes]:
-        """Each document's ids as packed bytes of ``dtype`` (fast path)."""
+    def _encode_bytes(self, texts: list[str], nchars: int) -> list[bytes]:
+        """Each document's ids as packed bytes of ``dtype`` (fast path); ``nchars``: the
+        documents' characters (counts sub-batches of mostly new segments, _NOVEL_SHARE)."""
         findall = self._findall
         if self._prefix:
             frags = [findall(" " + t) if t else [] for t in texts]
@@ -320,6 +417,13 @@ class Encoder:
         transient: list[str] = []
         if missing:
             transient = self._fill(list(missing))
+            if sum(map(len, missing)) > _NOVEL_SHARE * nchars:
+                self._novel += 1
+            else:
+                self._novel = 0
+                self._hold_next = _HOLD_MIN
+        else:
+            self._novel = 0
         freq = self._freq
         freq.update(uniq)
         self._since_aging += len(uniq)
@@ -427,41 +531,102 @@ class Encoder:
         self._stats["fallback_docs"] += len(texts)
         return self._sp.encode(texts, num_threads=self.threads)
 
-    def _packed(self, texts: list) -> list[bytes] | None:
-        """Fast path, or None where SentencePiece itself must answer: not a fast model, or
+    def _parts(self, texts: list) -> list[tuple[bool, list]] | None:
+        """The batch in sub-batches of about _CHUNK_CHARS characters (they bound the memory of
+        the segment lists), each as (True, packed bytes per document) from the segment cache or
+        (False, id lists) from plain batched SentencePiece where segments do not pay (see
+        ``_segments_pay``). None where SentencePiece itself must answer: not a fast model, or
         input that is not all str (bytes, None) or not encodable (lone surrogates), where it
         either encodes (bytes) or raises its own error."""
         if not self.fast:
             return None
         try:
-            # sub-batches of about _CHUNK_CHARS characters bound the memory of the segment lists
-            if sum(map(len, texts)) <= _CHUNK_CHARS:
-                return self._encode_bytes(texts)
-            out: list[bytes] = []
-            start = size = 0
-            for i, t in enumerate(texts):
-                size += len(t)
-                if size >= _CHUNK_CHARS:
-                    out += self._encode_bytes(texts[start:i + 1])
-                    start, size = i + 1, 0
-            if start < len(texts):
-                out += self._encode_bytes(texts[start:])
+            out = []
+            for chunk, nchars in _chunks(texts):
+                if self._segments_pay(chunk, nchars):
+                    out.append((True, self._encode_bytes(chunk, nchars)))
+                else:
+                    self._stats["plain_docs"] += len(chunk)
+                    out.append((False, self._sp.encode(chunk, num_threads=self.threads)))
             return out
         except TypeError:
             return None
+
+    def _segments_pay(self, chunk: list, nchars: int) -> bool:
+        """Whether this sub-batch goes through the segment cache (True) or to plain batched
+        SentencePiece. Segments do not pay on text whose segments are very short or do not
+        repeat (base64, random or unsegmented scripts, minified code): there the cache's cost
+        per segment exceeds SentencePiece's per character. Decided by timing both on a sample
+        of the sub-batch (1/64 of it, _PROBE_MIN to _PROBE_CHARS characters; sub-batches under
+        4 x _PROBE_MIN keep the last decision), and by the share of characters in segments the
+        cache missed, which stays high on text that never repeats;
+        probes back off to every _PROBE_MAX-th sub-batch while the decision holds (segments
+        that keep missing send _HOLD_MIN to _HOLD_MAX sub-batches to plain encoding). Either
+        answer gives the same ids: only speed depends on it."""
+        if self._novel >= _NOVEL_BATCHES:  # segments keep missing: plain for a while
+            self._novel = 0
+            self._hold = self._hold_next
+            self._hold_next = min(2 * self._hold_next, _HOLD_MAX)
+        if self._hold > 0:
+            self._hold -= 1
+            return False
+        if self._probe_in > 0:
+            self._probe_in -= 1
+            return self._pays
+        if nchars < 4 * _PROBE_MIN:  # too little text to time a sample of it
+            return self._pays
+        sample = _sample(chunk, min(_PROBE_CHARS, max(_PROBE_MIN, nchars // 64)))
+        ratio = self._probe(sample)
+        first = not self._stats["probes"]
+        if not first and (ratio < _PROBE_RATIO) != self._pays:  # a change: when a second timing agrees
+            again = self._probe(sample)
+            ratio = max(ratio, again) if not self._pays else min(ratio, again)
+        self._probe_ratio = ratio
+        pays = ratio < _PROBE_RATIO
+        self._stats["probes"] += 1
+        if pays == self._pays or first:
+            self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
+        else:
+            self._probe_every = 2
+        self._pays = pays
+        self._probe_in = self._probe_every - 1
+        return pays
+
+    def _probe(self, sample: str) -> float:
+        """CPU time of segmenting ``sample`` and looking its segments up, over that of encoding it
+        with SentencePiece. A quarter of it is segmented (the cost is linear in the text; where
+        segments do not pay it is up to 10 times SentencePiece's, so the probe stays cheap
+        there). The garbage collector is held off: a collection inside the few milliseconds
+        timed would decide the sub-batch."""
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            t0 = time.process_time()
+            self._sp.encode(sample)
+            t1 = time.process_time()
+            part = sample[:len(sample) // 4]
+            get = self._cache.get
+            for k in self._findall(" " + part):
+                get(k)
+            t2 = time.process_time()
+        finally:
+            if enabled:
+                gc.enable()
+        return (t2 - t1) * len(sample) / max(len(part), 1) / max(t1 - t0, 1e-9)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Ids exactly as ``SentencePieceProcessor.encode(texts)`` (no BOS/EOS)."""
         texts = list(texts)
         st = self._stats
-        packed = self._packed(texts)
-        if packed is None:
+        parts = self._parts(texts)
+        if parts is None:
             out = self._plain(texts)
-            st["tokens"] += sum(map(len, out))
         else:
-            st["tokens"] += sum(map(len, packed)) // self._itemsize
             dt = self.dtype
-            out = [np.frombuffer(b, dtype=dt).tolist() for b in packed]
+            out = []
+            for fast, part in parts:
+                out += [np.frombuffer(b, dtype=dt).tolist() for b in part] if fast else part
+        st["tokens"] += sum(map(len, out))
         st["docs"] += len(texts)
         return out
 
@@ -470,15 +635,25 @@ class Encoder:
         on the fast path. The array is writable and owns its memory."""
         texts = list(texts)
         st = self._stats
-        packed = self._packed(texts)
-        if packed is None:
-            lists = self._plain(texts)
-            lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-            ids = np.fromiter(chain.from_iterable(lists), dtype=self.dtype, count=int(lengths.sum()))
+        parts = self._parts(texts)
+        if parts is None:
+            parts = [(False, self._plain(texts))]
+        ids, lengths = [], []
+        for fast, part in parts:
+            if fast:
+                n = np.fromiter(map(len, part), dtype=np.int64, count=len(part))
+                n //= self._itemsize
+                ids.append(np.frombuffer(bytearray().join(part), dtype=self.dtype))
+            else:
+                n = np.fromiter(map(len, part), dtype=np.int64, count=len(part))
+                ids.append(np.fromiter(chain.from_iterable(part), dtype=self.dtype, count=int(n.sum())))
+            lengths.append(n)
+        if not ids:
+            ids, lengths = np.zeros(0, dtype=self.dtype), np.zeros(0, dtype=np.int64)
+        elif len(ids) == 1:
+            ids, lengths = ids[0], lengths[0]
         else:
-            lengths = np.fromiter(map(len, packed), dtype=np.int64, count=len(packed))
-            lengths //= self._itemsize
-            ids = np.frombuffer(bytearray().join(packed), dtype=self.dtype)
+            ids, lengths = np.concatenate(ids), np.concatenate(lengths)
         st["docs"] += len(texts)
         st["tokens"] += len(ids)
         return ids, lengths
@@ -487,7 +662,9 @@ class Encoder:
         """Counters since creation: docs, tokens, segments (fast path), hits and misses (distinct
         segments per batch that SentencePiece encoded), hit_rate, long_segments (over
         max_segment_chars, never cached), evictions, fallback_docs (documents encoded by plain
-        SentencePiece because the fast path is off), entries and approx_bytes of the cache
+        SentencePiece because the fast path is off), plain_docs (documents of sub-batches sent
+        to plain SentencePiece because segments did not pay there), probes (timed samples
+        behind that decision), entries and approx_bytes of the cache
         (``sys.getsizeof`` of its keys, values and two dicts; the allocator adds some)."""
         st = dict(self._stats)
         st["fast"] = self.fast
@@ -502,6 +679,44 @@ _GROUP = 64
 # Characters of text per internal sub-batch: its segment strings take about 6 bytes per
 # character while it is encoded (a batch's counts and frequency updates are per sub-batch).
 _CHUNK_CHARS = 1 << 21
+# Encoder._segments_pay: the sample's size (at most, at least), the most sub-batches between
+# probes, the largest cost of segmenting and looking up the sample as a share of encoding it
+# with SentencePiece, and how many sub-batches in a row with more than _NOVEL_SHARE of their
+# characters in missed segments make the next probe choose plain encoding.
+_PROBE_CHARS = 4096
+_PROBE_MIN = 1024
+_PROBE_MAX = 16
+_PROBE_RATIO = 0.45
+_NOVEL_SHARE = 0.8
+_NOVEL_BATCHES = 3
+# ... and then how many sub-batches are encoded plainly (doubling while it recurs)
+_HOLD_MIN = 4
+_HOLD_MAX = 64
+
+
+def _chunks(texts: list):
+    """(sub-batch, its characters): consecutive documents, a sub-batch closing once it holds
+    _CHUNK_CHARS characters."""
+    start = size = 0
+    for i, t in enumerate(texts):
+        size += len(t)
+        if size >= _CHUNK_CHARS:
+            yield texts[start:i + 1], size
+            start, size = i + 1, 0
+    if start < len(texts):
+        yield texts[start:], size
+
+
+def _sample(chunk: list, n: int) -> str:
+    """About n characters from the start of a sub-batch's documents (whole documents, the last
+    one cut)."""
+    out, size = [], 0
+    for t in chunk:
+        out.append(t[:n - size])
+        size += len(out[-1])
+        if size >= n:
+            break
+    return " ".join(out)
 
 
 def with_bos_eos(ids: np.ndarray, lengths: np.ndarray, bos_id: int | None = None,

@@ -18,6 +18,7 @@ from ..recipe import Recipe
 from ..stage import Task, TaskResult
 from .docs import iter_batches
 from .holdout import read_holdout, write_index
+from .packer import worker_encoder
 from .tokenizer import load_checked
 
 GROUPS = "groups.json"  # under RUN/tokenize/
@@ -25,8 +26,11 @@ GROUP_FILL = 0.9  # groups aim at 90% of shard_mb of estimated tokens: most beco
 ESTIMATE_SAMPLE_BYTES = 1 << 18  # text per source encoded to estimate its bytes per token
 
 
-def bytes_per_token(sp, urls: list[str], recipe: Recipe) -> float:
-    """UTF-8 bytes per token of the source's first documents (ESTIMATE_SAMPLE_BYTES of text)."""
+def bytes_per_token(sp, urls: list[str], recipe: Recipe, sha256: str | None = None) -> float:
+    """UTF-8 bytes per token of the source's first documents (ESTIMATE_SAMPLE_BYTES of text).
+
+    With the tokenizer's sha256, through the worker's exact encoder (packer.py): the same
+    counts, faster, and its segment cache is warm for the encode tasks the worker runs next."""
     texts: list[str] = []
     nbytes = 0
     for url in urls:
@@ -40,8 +44,13 @@ def bytes_per_token(sp, urls: list[str], recipe: Recipe) -> float:
                 break
         if nbytes >= ESTIMATE_SAMPLE_BYTES:
             break
-    tokens = sum(map(len, sp.encode(texts, add_bos=recipe.tokenize.bos, add_eos=recipe.tokenize.eos,
-                                    num_threads=recipe.tokenize.cpus_per_task))) if texts else 0
+    encoder = worker_encoder(recipe, sp, sha256) if sha256 and texts else None
+    if encoder is not None:
+        extra = int(recipe.tokenize.bos) + int(recipe.tokenize.eos)
+        tokens = len(encoder.encode_to_array(texts)[0]) + extra * len(texts)
+    else:
+        tokens = sum(map(len, sp.encode(texts, add_bos=recipe.tokenize.bos, add_eos=recipe.tokenize.eos,
+                                        num_threads=recipe.tokenize.cpus_per_task))) if texts else 0
     return round(nbytes / tokens, 6) if tokens else 4.0
 
 
@@ -71,7 +80,8 @@ def run_group(task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
     first_files: dict[str, list[str]] = {}
     for inp in inputs:
         first_files.setdefault(inp["source"], []).append(inp["url"])
-    per_token = {s: bytes_per_token(sp, urls, recipe) for s, urls in sorted(first_files.items())}
+    sha256 = task.payload["tokenizer_sha256"]
+    per_token = {s: bytes_per_token(sp, urls, recipe, sha256) for s, urls in sorted(first_files.items())}
     train: dict[str, list] = {}
     validation: dict[str, list] = {}
     for inp, (_, tb, vb) in zip(inputs, results):
@@ -87,4 +97,4 @@ def run_group(task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
     index_url = write_index(run, digests)
     groups_url = run.tokenize(GROUPS)
     storage.write_json(groups_url, groups)
-    return TaskResult(outputs=[index_url, groups_url], stats={"holdout_texts": int(len(digests))})
+    return TaskResult(outputs=[index_url, groups_url], stats={"holdout_texts": len(digests)})

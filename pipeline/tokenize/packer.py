@@ -12,9 +12,9 @@ finish) gathers those lists into manifest.json and removes shard files it no lon
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterator
 from dataclasses import asdict
 from itertools import chain
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -110,7 +110,7 @@ def encode_batch(sp, texts: list[str], bos: bool, eos: bool, dtype: np.dtype, th
 _ENCODERS: dict[tuple[str, int, int], Encoder] = {}
 
 
-def _encoder(recipe: Recipe, sp, sha256: str) -> Encoder | None:
+def worker_encoder(recipe: Recipe, sp, sha256: str) -> Encoder | None:
     """The worker process's encoder for this tokenizer: its cache lives as long as the worker."""
     cfg = recipe.tokenize
     if cfg.cache_entries == 0:
@@ -130,7 +130,7 @@ def run_encode(task: Task, recipe: Recipe, run: RunDir) -> TaskResult:
     split = p["split"]
     dtype = np.dtype(p["dtype"])
     sp = load_checked(recipe, run, p["tokenizer_sha256"])
-    encoder = _encoder(recipe, sp, p["tokenizer_sha256"])
+    encoder = worker_encoder(recipe, sp, p["tokenizer_sha256"])
     index = load_index(run) if split == "train" and cfg.dedup_holdout else np.zeros(0, "S32")
     sink = ShardSink(run, task.source, split, p["group"], dtype, cfg.shard_mb * (1 << 20))
     docs = tokens = dup = 0

@@ -8,7 +8,7 @@ on, so a changed document, removal list, tokenizer or setting redoes exactly wha
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

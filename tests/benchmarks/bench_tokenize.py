@@ -1,12 +1,21 @@
 """Benchmark: tokenize+pack against SentencePiece alone and a TinyLlama-style baseline.
 
-    python tests/benchmarks/bench_tokenize.py [--mb 33] [--runs 3] [--tokenizer PATH] [--json]
+    python tests/benchmarks/bench_tokenize.py [--corpus prose,code] [--mb 8] [--runs 3]
+        [--tokenizer PATH] [--profile tottime] [--json]
 
-Builds about `--mb` MB of SlimPajama-like prose (stdlib docstrings joined into documents of about
-4.5 KB, as bench_ingest.py does) as ingested docs parquet in a scratch run directory, and a
-32,000-piece Llama-2-like BPE tokenizer (`train_tokenizer` on 8 MB of it; `--tokenizer` uses a
-given model instead, e.g. Llama-2's `tokenizer.model`). Then, in this process, on the same
-documents:
+Corpora (`--corpus`, comma-separated, each measured on its own):
+
+* prose: `--mb` MB of real English of this machine (pipeline/tools/realtext.py `make_prose`:
+  /usr/share/doc, Perl manuals, pydoc topics; no line twice), documents of about 4.5 KB;
+* code: `--mb` MB of real code, C headers (/usr/include) and Python sources alternating, one
+  file a document (realtext's files);
+* stdlib: the older corpus, SlimPajama-like prose made of stdlib docstrings joined into
+  documents of about 4.5 KB (as bench_ingest.py does); many repeated paragraphs.
+
+Each is written as ingested docs parquet in a scratch run directory. The tokenizer: a
+32,000-piece Llama-2-like BPE (`train_tokenizer`) trained on held-back real text (the 6 MB of
+prose and 4 MB of code that follow the measured documents); `--tokenizer` uses a given model
+instead, e.g. Llama-2's `tokenizer.model`. Then, in this process, on the same documents:
 
 * floor: `sp.encode(batch_of_1024_texts, num_threads=1)`, texts already in memory;
 * tinyprep: the tokenize stage run in this process (`run_stage(LocalExecutor(), "tokenize", ...)`:
@@ -23,8 +32,9 @@ documents:
   cost of encoding one document per call into a builder, apart from the input format.
 
 Speeds are tokens per CPU-second of this process (`time.process_time`, all threads counted),
-i.e. per core; best of `--runs`. The shards' ids are checked equal to the floor's. Importing
-this module has no side effects.
+i.e. per core; best of `--runs`, interleaved. The shards' ids are checked equal to the floor's
+after every stage pass. `--profile` prints a cProfile of one more tinyprep pass per corpus.
+Importing this module has no side effects.
 """
 
 from __future__ import annotations
@@ -45,28 +55,58 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 LITPKDS_HEADER = b"LITPKDS"
 
 
-def build_docs(run: Path, mb: float, files: int = 4, seed: int = 0) -> int:
-    """Docs parquet (the ingest schema) of SlimPajama-like prose under run/docs/slimpajama/."""
+def stdlib_texts(mb: float, seed: int = 0) -> list[str]:
+    """SlimPajama-like prose made of stdlib docstrings (the older corpus)."""
+    from bench_ingest import stdlib_docstrings
+
+    rng = random.Random(seed)
+    pool = stdlib_docstrings()
+    texts, size = [], 0
+    while size < mb * 1e6:
+        k = max(1, min(60, int(rng.lognormvariate(2.2, 1.0))))
+        text = "\n\n".join(rng.choice(pool) for _ in range(k))
+        texts.append(text)
+        size += len(text.encode("utf-8"))
+    return texts
+
+
+def real_texts(mb: float) -> tuple[dict[str, list[str]], list[str]]:
+    """({"prose": documents, "code": documents}, held-back documents to train a tokenizer on)."""
+    from bench_encoder import real_corpora
+
+    corpora, prose_rest, code_rest = real_corpora(mb)
+    held, size = [], 0
+    for d in prose_rest:
+        held.append(d)
+        size += len(d)
+        if size >= 6e6:
+            break
+    size = 0
+    for d in code_rest:
+        held.append(d)
+        size += len(d)
+        if size >= 4e6:
+            break
+    return {"prose": corpora["prose"], "code": corpora["code"]}, held
+
+
+def build_docs(run: Path, all_texts: list[str], files: int = 4) -> int:
+    """Docs parquet (the ingest schema) of the documents under run/docs/slimpajama/, and the same
+    as SlimPajama jsonl.zst under run/raw/ (for the TinyLlama-style baseline)."""
     import numpy as np
     import orjson
     import pyarrow as pa
     import pyarrow.parquet as pq
     import zstandard
-    from bench_ingest import stdlib_docstrings
 
     from pipeline.ingest import SCHEMA, document_ids
 
-    rng = random.Random(seed)
-    pool = stdlib_docstrings()
-    per_file = int(mb * 1e6) // files
     n = 0
+    per_file = -(-len(all_texts) // files)
     for f in range(files):
-        texts, size = [], 0
-        while size < per_file:
-            k = max(1, min(60, int(rng.lognormvariate(2.2, 1.0))))
-            text = "\n\n".join(rng.choice(pool) for _ in range(k))
-            texts.append(text)
-            size += len(text.encode("utf-8"))
+        texts = all_texts[f * per_file:(f + 1) * per_file]
+        if not texts:
+            break
         rel = f"chunk1/example_train_{f}.jsonl.zst.parquet"
         rows = np.arange(len(texts))
         table = pa.table({"id": document_ids("slimpajama", rel, rows), "source": ["slimpajama"] * len(texts),
@@ -232,72 +272,100 @@ def check_ids(run: Path, recipe, sp, floor_ids: list[list[int]]) -> int:
     return len(got)
 
 
+def bench_corpus(run: Path, texts: list[str], model: Path, runs: int, tmp: Path,
+                 profile: str | None) -> dict:
+    import sentencepiece as spm
+
+    n_docs = build_docs(run, texts)
+    texts = read_texts(run)
+    mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    results: dict[str, list[float]] = {"floor": [], "tinyprep": [], "tinyprep_plain": [], "tinyllama_style": [],
+                                       "per_document": []}
+    tokens = 0
+    for _ in range(runs):
+        secs, floor_ids = floor(sp, texts)
+        tokens = sum(map(len, floor_ids))
+        results["floor"].append(tokens / secs)
+        secs, recipe = tinyprep_stage(run, model)
+        results["tinyprep"].append((tokens + n_docs) / secs)  # the shards hold a BOS per document
+        check_ids(run, recipe, sp, floor_ids)
+        secs, recipe = tinyprep_stage(run, model, cache_entries=0)  # plain SentencePiece batches
+        results["tinyprep_plain"].append((tokens + n_docs) / secs)
+        check_ids(run, recipe, sp, floor_ids)
+        for name, baseline in (("tinyllama_style", tinyllama_style), ("per_document", per_document)):
+            out = tmp / "litgpt"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            secs, n = baseline(sp, run, out)
+            assert n == tokens + n_docs
+            results[name].append(n / secs)
+    if profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(tinyprep_stage, run, model)
+        pstats.Stats(prof).sort_stats(profile).print_stats(30)
+    best = {k: max(v) for k, v in results.items()}
+    return {
+        "mb": round(mb, 2), "documents": n_docs, "tokens": tokens,
+        "tokens_per_cpu_s": {k: round(v) for k, v in best.items()},
+        "ratio_to_floor": {k: round(v / best["floor"], 3) for k, v in best.items()},
+        "tinyprep_vs_tinyllama_style": round(best["tinyprep"] / best["tinyllama_style"], 3),
+        "tinyprep_vs_per_document": round(best["tinyprep"] / best["per_document"], 3),
+        "ids_identical_to_sentencepiece": True,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     import sentencepiece as spm
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mb", type=float, default=33)
+    ap.add_argument("--corpus", default="prose,code", help="prose, code, stdlib (comma-separated)")
+    ap.add_argument("--mb", type=float, default=8)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--tokenizer", help="a SentencePiece model (default: train a 32,000-piece BPE on 8 MB)")
+    ap.add_argument("--tokenizer", help="a SentencePiece model (default: train a 32,000-piece BPE on held-back text)")
+    ap.add_argument("--profile", default=None, help="pstats sort key: profile one more tinyprep pass")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    kinds = [k.strip() for k in args.corpus.split(",") if k.strip()]
+    unknown = set(kinds) - {"prose", "code", "stdlib"}
+    if unknown:
+        ap.error(f"--corpus: unknown {sorted(unknown)}")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
     try:
-        run = tmp / "run"
-        n_docs = build_docs(run, args.mb)
-        texts = read_texts(run)
-        mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+        corpora, held = real_texts(args.mb)
+        if "stdlib" in kinds:
+            corpora["stdlib"] = stdlib_texts(args.mb)
         if args.tokenizer:
             model = Path(args.tokenizer)
         else:
             from pipeline.tokenize import train_tokenizer
 
             model = tmp / "tokenizer.model"
+            (tmp / "held.txt").write_text("\n".join(held), encoding="utf-8")
             t0 = time.time()
-            train_tokenizer([str(run)], str(model), vocab_size=32000, max_bytes=8 << 20)
+            train_tokenizer([str(tmp / "held.txt")], str(model), vocab_size=32000)
             print(f"trained a 32,000-piece BPE tokenizer in {time.time() - t0:.1f}s", file=sys.stderr)
         sp = spm.SentencePieceProcessor(model_file=str(model))
-        results: dict[str, list[float]] = {"floor": [], "tinyprep": [], "tinyprep_plain": [], "tinyllama_style": [],
-                                           "per_document": []}
-        tokens = 0
-        for _ in range(args.runs):
-            secs, floor_ids = floor(sp, texts)
-            tokens = sum(map(len, floor_ids))
-            results["floor"].append(tokens / secs)
-            secs, recipe = tinyprep_stage(run, model)
-            results["tinyprep"].append((tokens + n_docs) / secs)  # the shards hold a BOS per document
-            check_ids(run, recipe, sp, floor_ids)
-            secs, recipe = tinyprep_stage(run, model, cache_entries=0)  # plain SentencePiece batches
-            results["tinyprep_plain"].append((tokens + n_docs) / secs)
-            for name, baseline in (("tinyllama_style", tinyllama_style), ("per_document", per_document)):
-                out = tmp / "litgpt"
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir()
-                secs, n = baseline(sp, run, out)
-                assert n == tokens + n_docs
-                results[name].append(n / secs)
-            check_ids(run, recipe, sp, floor_ids)
-        best = {k: max(v) for k, v in results.items()}
-        summary = {
-            "corpus": {"mb": round(mb, 2), "documents": n_docs, "tokens": tokens, "tokenizer": str(model)
-                       if args.tokenizer else "32,000-piece BPE trained by train_tokenizer",
-                       "vocab_size": sp.vocab_size()},
-            "tokens_per_cpu_s": {k: round(v) for k, v in best.items()},
-            "ratio_to_floor": {k: round(v / best["floor"], 3) for k, v in best.items()},
-            "tinyprep_vs_tinyllama_style": round(best["tinyprep"] / best["tinyllama_style"], 3),
-            "tinyprep_vs_per_document": round(best["tinyprep"] / best["per_document"], 3),
-            "ids_identical_to_sentencepiece": True,
-            "runs": args.runs, "cpus": os.cpu_count(),
-        }
+        summary: dict = {"tokenizer": str(model) if args.tokenizer else
+                         "32,000-piece BPE trained by train_tokenizer on held-back real text",
+                         "vocab_size": sp.vocab_size(), "runs": args.runs, "cpus": os.cpu_count()}
+        for kind in kinds:
+            r = bench_corpus(tmp / f"run-{kind}", corpora[kind], model, args.runs, tmp, args.profile)
+            summary[kind] = r
+            if not args.json:
+                best = r["tokens_per_cpu_s"]
+                print(f"{kind}: {r['mb']:.1f} MB, {r['documents']:,} documents, {r['tokens']:,} tokens; "
+                      f"best of {args.runs}, tokens per CPU-second:")
+                for k in ("floor", "tinyprep", "tinyprep_plain", "tinyllama_style", "per_document"):
+                    print(f"  {k:16s} {best[k] / 1e6:6.3f}M  ({r['ratio_to_floor'][k]:.3f}x the floor)")
+                print(f"  tinyprep / tinyllama_style = {r['tinyprep_vs_tinyllama_style']:.3f}, "
+                      f"tinyprep / per_document = {r['tinyprep_vs_per_document']:.3f}", flush=True)
         if args.json:
             print(json.dumps(summary, indent=2))
-        else:
-            print(f"{mb:.1f} MB, {n_docs:,} documents, {tokens:,} tokens; best of {args.runs}, tokens per CPU-second:")
-            for k in ("floor", "tinyprep", "tinyprep_plain", "tinyllama_style", "per_document"):
-                print(f"  {k:16s} {best[k] / 1e6:6.3f}M  ({best[k] / best['floor']:.3f}x the floor)")
-            print(f"  tinyprep / tinyllama_style = {summary['tinyprep_vs_tinyllama_style']:.3f}, "
-                  f"tinyprep / per_document = {summary['tinyprep_vs_per_document']:.3f}")
         return summary
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,9 +27,9 @@ from pipeline.tokenize.encoder import (
     with_bos_eos,
 )
 
-LLAMA = dict(model_type="bpe", byte_fallback=True, split_digits=True,
-             normalization_rule_name="identity", add_dummy_prefix=True,
-             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True)
+LLAMA = {"model_type": "bpe", "byte_fallback": True, "split_digits": True,
+             "normalization_rule_name": "identity", "add_dummy_prefix": True,
+             "remove_extra_whitespaces": False, "allow_whitespace_only_pieces": True}
 
 # name -> (trainer settings over LLAMA, whether the fast path applies)
 VARIANTS = {
@@ -157,7 +157,16 @@ def _no_escape(models, out_dir):
     return _edit(models, out_dir, "llama", "no_escape", fn)
 
 
-EDITED = {"cross_word": _cross_word, "newline_piece": _newline_piece, "unused": _unused,
+def _bridge(models, out_dir):
+    # pieces joining groups that the trained vocabulary keeps apart: a letter and punctuation,
+    # a digit and a letter, an accented letter and punctuation
+    def fn(m, pb):
+        for piece in ("e(", "7x", "\u00e9!"):
+            _add_piece(m, pb, piece)
+    return _edit(models, out_dir, "llama", "bridge", fn)
+
+
+EDITED = {"cross_word": _cross_word, "newline_piece": _newline_piece, "unused": _unused, "bridge": _bridge,
           "no_ws_piece": _no_ws_piece, "no_escape": _no_escape}
 
 
@@ -323,7 +332,10 @@ def test_segments_rules(models):
     assert enc.segments("a") == [" a"]
     assert enc.segments("  hello world\n\n\tfoo  ") == ["   hello", " world", "\n\n\t", "foo", "  "]
     assert enc.segments(f"a{WS}b {WS} c") == [" a", f"{WS}b", f" {WS} c"]
-    assert enc.segments("x1 23y") == [" x1", " 23y"]  # digits are not cut: nothing to gain
+    # pair cuts: letters and punctuation are different groups (no piece mixes scripts); split
+    # digits are in no multi-character piece, so every digit is a segment
+    assert enc.segments("x1 23y") == [" x", "1", " 2", "3", "y"]
+    assert enc.segments("f(a, b);") == [" f", "(", "a", ",", " b", ");"]
     nd = Encoder(models["no_dummy_prefix"])
     assert nd.segments("a b") == ["a", " b"] and nd.segments(" a") == [" a"]
     assert nd.segments("") == []
@@ -340,6 +352,56 @@ def test_cut_chars_follow_the_vocabulary(models):
     assert_same(enc, sp, [text] + ADVERSARIAL)
     # without byte fallback an unknown "\n" would merge with unknown neighbours: no cut at it
     assert "\n" not in Encoder(models["no_byte_fallback"]).cut_chars
+
+
+def test_char_groups_follow_the_vocabulary(models):
+    # groups are the connected components of "adjacent in a piece", "▁" left out
+    assert encmod._char_groups(["ab", "b(", "xy", f"{WS}z", f"{WS}{WS}", f"{WS}k("]) == ["(abk", "xy", "z"]
+    enc = Encoder(models["llama"])
+    letters = next(g for g in enc.groups if "e" in g)
+    assert "(" not in letters and "," not in letters and not any(c.isdigit() for g in enc.groups for c in g)
+    bridged = Encoder(models["bridge"])
+    assert bridged.fast
+    joined = next(g for g in bridged.groups if "e" in g)
+    assert {"(", "7", "x"} <= set(joined)  # "e(" and "7x" put them in the letters' group
+    assert bridged.segments("be(7x") == [" be(7x"] and enc.segments("be(7x") == [" be", "(", "7", "x"]
+
+
+def test_pair_cut_rule_is_necessary(models):
+    # cutting where the trained model's groups allow, on the bridged model, gives other ids
+    path = models["bridge"]
+    sp = sp_of(path)
+    raw = spm.SentencePieceProcessor(model_proto=Path(path).read_bytes() + encmod._NO_DUMMY_PREFIX)
+    text = "ye(s 7x"
+    naive = [i for seg in Encoder(models["llama"]).segments(text) for i in raw.encode(seg)]
+    assert sp.piece_to_id("e(") in sp.encode(text) and naive != sp.encode(text)
+    assert Encoder(path).encode([text]) == sp.encode([text])
+
+
+PAIR_STRESS = ["e", "(", ")", ",", ".", "7", "x", "1", "0", "é", "!", "_", "-", "'", '"', "//",
+               "->", "::", "a", "Z", "ß", "Ω", "中", "😀", "\u0301", "\u00a0", "\t", "\t\t", "\n",
+               "\r\n", " ", "  ", "   ", WS, WS + WS, "\x00", "\x7f", "\ufffd", "the", "tion",
+               "0x1F", "{}", "[]", "<s>", "<0x0A>", "#", "@", "$"]
+
+
+def pair_stress_texts(seed: int, n: int) -> list[str]:
+    """Strings made of characters and short runs that meet across every kind of pair cut:
+    letters next to punctuation and digits, byte-fallback characters (emoji, controls,
+    combining marks), whitespace runs and "▁" before and after each."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.randint(0, 24)
+        out.append("".join(rng.choice(PAIR_STRESS) for _ in range(k)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama", "no_dummy_prefix", "digits_together", "scripts_together",
+                                  "no_ws_only_pieces", "bridge", "newline_piece"])
+def test_fuzz_pair_cuts(models, name):
+    sp = sp_of(models[name])
+    texts = pair_stress_texts(seed=len(name), n=2500)
+    assert_same(Encoder(models[name], cache_entries=300, max_segment_chars=6), sp, texts, batch=97)
 
 
 def test_cross_word_piece_would_break_segments(models):
@@ -361,7 +423,7 @@ def test_whitespace_only_pieces_exact(models):
                  if set(p) == {WS} and len(p) > 1]
     assert ws_pieces, "the test model should have whitespace-only pieces"
     enc = Encoder(models["llama"])
-    texts = [" " * n + w for n in range(0, 40) for w in ("x", "the", "\n", "", "\tx", WS)]
+    texts = [" " * n + w for n in range(40) for w in ("x", "the", "\n", "", "\tx", WS)]
     texts += ["a" + " " * n for n in range(40)] + [" " * n for n in range(1, 40)]
     texts += [f"{WS * n}the{' ' * m}end" for n in range(6) for m in range(6)]
     assert_same(enc, sp, texts)
@@ -449,7 +511,7 @@ def test_fill_paths_exact(models, sample_texts):
 def test_long_segments_not_cached(models):
     enc = Encoder(models["llama"], max_segment_chars=10)
     long_word = "supercalifragilistic"
-    texts = [f"a {long_word} b", f"{long_word}!"]
+    texts = [f"a {long_word} b", f"({long_word}"]
     assert enc.encode(texts) == sp_of(models["llama"]).encode(texts)
     assert all(len(k) <= 10 for k in enc._cache)
     assert enc.stats()["long_segments"] == 2
@@ -527,7 +589,68 @@ def test_sub_batches(models, sample_texts, monkeypatch):
     monkeypatch.setattr(encmod, "_CHUNK_CHARS", 3000)
     enc = Encoder(models["llama"], cache_entries=200)
     assert enc.encode(texts) == sp.encode(texts)
-    ids, lengths = enc.encode_to_array(texts)
+    ids, _lengths = enc.encode_to_array(texts)
     assert ids.tolist() == [i for w in sp.encode(texts) for i in w]
     mixed = texts + [b"bytes at the end"]
     assert enc.encode(mixed) == sp.encode(mixed)
+
+
+def _novel_words(seed: int, n_docs: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join("".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(rng.randint(7, 12)))
+                     for _ in range(150)) for _ in range(n_docs)]
+
+
+def test_plain_sub_batches_same_ids(models, sample_texts, monkeypatch):
+    # whichever way each sub-batch goes (segment cache or plain SentencePiece), the ids are
+    # SentencePiece's; the decision only moves time
+    prose, code = sample_texts
+    texts = prose[:60] + code[:20] + ADVERSARIAL + pair_stress_texts(3, 300)
+    sp = sp_of(models["llama"])
+    want = sp.encode(texts)
+    flat = [i for w in want for i in w]
+    monkeypatch.setattr(encmod, "_CHUNK_CHARS", 20_000)
+    monkeypatch.setattr(encmod, "_PROBE_MIN", 16)
+    for ratio, plain in ((0.0, True), (float("inf"), False)):
+        monkeypatch.setattr(encmod, "_PROBE_RATIO", ratio)  # never / always pays
+        enc = Encoder(models["llama"])
+        assert enc.encode(texts) == want
+        ids, lengths = enc.encode_to_array(texts)
+        assert ids.tolist() == flat and lengths.tolist() == list(map(len, want))
+        st = enc.stats()
+        assert st["probes"] > 0 and st["fallback_docs"] == 0
+        if plain:
+            assert st["plain_docs"] == 2 * len(texts) and st["segments"] == 0
+        else:
+            assert st["plain_docs"] == 0 and st["segments"] > 0
+
+
+def test_segments_that_keep_missing_go_plain(models, sample_texts, monkeypatch):
+    # text whose segments never repeat: after _NOVEL_BATCHES sub-batches of mostly misses the
+    # next _HOLD_MIN go to plain SentencePiece; text that repeats brings the cache back
+    monkeypatch.setattr(encmod, "_CHUNK_CHARS", 10_000)
+    monkeypatch.setattr(encmod, "_PROBE_RATIO", float("inf"))  # the timing alone always says pay
+    sp = sp_of(models["llama"])
+    enc = Encoder(models["llama"])
+    novel = _novel_words(5, 60)  # about 1,600 characters each: 7 documents a sub-batch
+    assert enc.encode(novel) == sp.encode(novel)
+    st = enc.stats()
+    assert st["plain_docs"] > 0 and st["segments"] > 0
+    prose = sample_texts[0][:40]
+    for _ in range(3):
+        assert enc.encode(prose) == sp.encode(prose)
+    assert enc.stats()["segments"] > st["segments"] and enc._hold == 0 and enc._novel == 0
+
+
+def test_random_unicode_goes_plain(models, monkeypatch):
+    # one character a segment: segmenting costs several times what SentencePiece spends on such
+    # text (ratio about 1-2 against the 0.45 threshold), so the probes send it to plain encode
+    monkeypatch.setattr(encmod, "_CHUNK_CHARS", 40_000)
+    rng = random.Random(11)
+    texts = ["".join(chr(c) if not 0xD800 <= c < 0xE000 else "?"
+                     for c in (rng.randrange(0x100, 0x30000) for _ in range(4000))) for _ in range(60)]
+    sp = sp_of(models["llama"])
+    enc = Encoder(models["llama"])
+    assert enc.encode(texts) == sp.encode(texts)
+    st = enc.stats()
+    assert st["probes"] > 0 and st["plain_docs"] >= len(texts) // 2, (st, enc._probe_ratio)
