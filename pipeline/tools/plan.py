@@ -40,8 +40,8 @@ PARALLEL_EFFICIENCY = 0.96  # measured, 1 vs 2 workers (tests/benchmarks/README.
 # Tokens per CPU-second, (plain SentencePiece, the exact encoder from a cold cache), on real text
 # of this kind with a 32,000-piece Llama-2-style BPE: tests/benchmarks/bench_plan_rates.py, 2026-11-30.
 TOKENIZE_RATES = {
-    "prose": (0.97e6, 1.89e6, "bench_plan_rates.py, 2026-11-30: real prose, 90.5% cache hits cold"),
-    "code": (1.17e6, 2.35e6, "bench_plan_rates.py, 2026-11-30: real code, 88.2% cache hits cold"),
+    "prose": (1.05e6, 2.92e6, "bench_plan_rates.py, 2026-11-30: real prose, 97.4% cache hits cold"),
+    "code": (1.06e6, 3.43e6, "bench_plan_rates.py, 2026-11-30: real code, 97.9% cache hits cold"),
 }
 # Llama-2 bytes per token, from published sizes (published.py): SlimPajama's 2.0-2.39 TB of text
 # over its 690B Llama tokens [SP6, LLM]; Starcoderdata's 882 GB over 291B Llama tokens [SC, LLM].

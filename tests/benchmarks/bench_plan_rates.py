@@ -2,9 +2,9 @@
 
     python tests/benchmarks/bench_plan_rates.py [--mb 20] [--code-mb 20] [--runs 2] [--json]
 
-`bench_encoder.py` measures the exact encoder on stdlib docstrings whose words recur (94% cache
-hits); a plan for SlimPajama and Starcoderdata needs the rate on text whose vocabulary keeps
-growing: real files of this machine, never generated and never repeated.
+A plan for SlimPajama and Starcoderdata needs the rate on text whose vocabulary keeps growing:
+real files of this machine, never generated and never repeated (`bench_encoder.py` measures the
+encoder on the same kind of text, in more detail).
 
 The corpora come from `pipeline/tools/realtext.py` (the plan measures on the same kind of text).
 
