@@ -37,11 +37,15 @@ def _read(path: str) -> str | None:
         return None
 
 
-def make_code(mb: float) -> list[str]:
-    """Real code, one file a document, no file twice."""
+CODE_PATTERNS = {"c": ["/usr/include/**/*.h"], "python": ["/usr/lib/python3*/**/*.py"]}
+
+
+def make_code(mb: float, languages: tuple[str, ...] = ("c", "python")) -> list[str]:
+    """Real code, one file a document, no file twice: C headers, then Python sources (either alone
+    with `languages`)."""
     seen: set[bytes] = set()
     docs, size, target = [], 0, int(mb * 1e6)
-    for path in _files(["/usr/include/**/*.h", "/usr/lib/python3*/**/*.py"]):
+    for path in _files([p for lang in languages for p in CODE_PATTERNS[lang]]):
         text = _read(path)
         if not text or len(text) > 1 << 20:
             continue

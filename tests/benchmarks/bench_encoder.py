@@ -198,15 +198,7 @@ def real_corpora(mb: float) -> tuple[dict[str, list[str]], list[str], list[str]]
 
     prose, prose_rest = _split(realtext.make_prose(mb + 6.5), mb)
     c, c_rest = _split(realtext.make_code(mb + 2.5), mb)  # the sorted walk starts in /usr/include
-    py_all, seen, size = [], set(), 0
-    for path in realtext._files(["/usr/lib/python3*/**/*.py"]):
-        text = realtext._read(path)
-        if text and len(text) <= 1 << 20 and text not in seen:
-            seen.add(text)
-            py_all.append(text)
-            size += len(text.encode("utf-8"))
-            if size >= (mb + 2.5) * 1e6:
-                break
+    py_all = realtext.make_code(mb + 2.5, languages=("python",))
     py, py_rest = _split(py_all, mb)
     half_c, half_py = _split(c, mb / 2)[0], _split(py, mb / 2)[0]
     code = [d for pair in zip(half_c, half_py) for d in pair]
