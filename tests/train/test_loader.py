@@ -431,18 +431,18 @@ def test_startup_and_memory_do_not_grow_with_the_corpus(tmp_path):
         token_budget=3_000_000_000_000)
     assert n_shards > 22_000
     tracemalloc.start()
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: what the loader costs, whatever else the machine runs
     manifest, mixture = load_plan(run_dir)
     loader = MixtureLoader(run_dir, manifest, mixture, global_batch=1024, rank=3, world=8,
                            samples=1_000_000 * 1024)
     refs = loader.index.refs(1_000_000 * 1024, 1_000_004 * 1024)
     loader._locate(refs)
     later = loader.index.refs(4_000_000_000, 4_000_004_096)  # past the plan: later epochs
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert mixture.total_samples > 1_400_000_000
     assert refs.position.min() > 100_000_000 and later.epoch.min() >= 2
-    assert elapsed < 10, elapsed  # about 0.5 s on the reference machine; generous for a loaded CI
+    assert elapsed < 10, elapsed  # about 0.5 CPU-s (with tracemalloc: a few) on the development VM
     assert peak < 200 * 2**20, peak
     assert not loader.shards.fds  # nothing opened
