@@ -1,13 +1,15 @@
 """The ingest stage: one task per input file, or per range of a parquet file's row groups.
 
-Planning reads each parquet footer (when `ingest.split_row_groups` > 0) to split large files;
-a task writes `RUN/docs/<source>/<rel_path>[@rgSTART-END].parquet` and returns its counters and
+Planning reads each parquet footer (when `ingest.split_row_groups` > 0) to split large files,
+FOOTER_READERS at a time (on an object store each footer is two or three round trips: read one
+after another, a thousand Starcoderdata files would hold the driver for minutes); a task writes `RUN/docs/<source>/<rel_path>[@rgSTART-END].parquet` and returns its counters and
 issues.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 
@@ -20,6 +22,7 @@ from .readers import IngestError, RetryingReader, detect_format, unknown_format
 from .task import UNKNOWN_KEY, Ingestion
 
 STAGE = "ingest"
+FOOTER_READERS = 32  # parquet footers read at once while planning (latency-bound reads)
 log = logging.getLogger("tinyprep")
 
 
@@ -86,36 +89,58 @@ def _input_format(src: SourceConfig, rel_path: str, url: str) -> str:
         raise IngestError(f"source {src.name}: {unknown_format(url)}") from None
 
 
+def _splits_of(urls: tuple[str, str], every: int) -> list[tuple[int, int, int, int, int]] | None:
+    """parquet_splits of the raw copy's footer, or of the original's when it is not downloaded yet."""
+    url, original = urls
+    return parquet_splits(url if url == original or storage.exists(url) else original, every)
+
+
+def _read_splits(inputs: list[tuple[str, str] | None], every: int) -> list:
+    """_splits_of each input ((url, original url); None: no footer to read), FOOTER_READERS at a
+    time, in order; the first failing read in listing order raises, as a serial loop would."""
+    todo = [i for i, urls in enumerate(inputs) if urls is not None]
+    out: list = [None] * len(inputs)
+    if len(todo) <= 1:
+        for i in todo:
+            out[i] = _splits_of(inputs[i], every)
+        return out
+    with ThreadPoolExecutor(min(FOOTER_READERS, len(todo)), thread_name_prefix="tinyprep-footers") as pool:
+        for i, parts in zip(todo, pool.map(lambda i: _splits_of(inputs[i], every), todo)):
+            out[i] = parts
+    return out
+
+
 class IngestStage(Stage):
     name = STAGE
 
     def plan(self, recipe: Recipe, run: RunDir, phase: str | None = None) -> list[Task]:
-        """One task per input file; parquet files split by `ingest.split_row_groups` (footer read here)."""
-        out: list[Task] = []
+        """One task per input file; parquet files split by `ingest.split_row_groups` (footers read
+        here, concurrently; the tasks come out in listing order whatever order the reads end in)."""
         settings = _output_settings(recipe.ingest)
+        every = recipe.ingest.split_row_groups
+        inputs = []  # (source, its fingerprinted config, input file, url to read, format, footer url)
         for src in recipe.sources:
             src_cfg = src.model_dump(mode="json", by_alias=True)
             src_cfg.pop("weight", None)
             for f in list_inputs(src, run):
                 url = run.raw(src.name, f.rel_path) if src.download else f.url
                 fmt = _input_format(src, f.rel_path, f.url)
-                base = {"url": url, "rel_path": f.rel_path, "format": fmt, "split": None}
-                splits = None
-                if fmt == "parquet" and recipe.ingest.split_row_groups > 0:
-                    # the footer of the raw copy, or of the original when it is not downloaded yet
-                    footer = url if url == f.url or storage.exists(url) else f.url
-                    splits = parquet_splits(footer, recipe.ingest.split_row_groups)
-                if not splits:
-                    out.append(Task(STAGE, f"{src.name}/{f.rel_path}", src.name,
-                                    fingerprint(STAGE, f.version, fmt, src_cfg, settings, None),
-                                    size=max(f.size, 0), payload=base))
-                    continue
-                for start, end, first_row, rows, nbytes in splits:
-                    split = [start, end]
-                    payload = dict(base, split=split, first_row=first_row, rows=rows)
-                    out.append(Task(STAGE, f"{src.name}/{f.rel_path}@rg{start:05d}-{end:05d}", src.name,
-                                    fingerprint(STAGE, f.version, fmt, src_cfg, settings, split),
-                                    size=nbytes, payload=payload))
+                inputs.append((src, src_cfg, f, url, fmt, fmt == "parquet" and every > 0))
+        splits = _read_splits([(url, f.url) if split else None for _, _, f, url, _, split in inputs], every)
+        out: list[Task] = []
+        for (src, src_cfg, f, url, fmt, _), parts in zip(inputs, splits):
+            base = {"url": url, "rel_path": f.rel_path, "format": fmt, "split": None}
+            if not parts:
+                out.append(Task(STAGE, f"{src.name}/{f.rel_path}", src.name,
+                                fingerprint(STAGE, f.version, fmt, src_cfg, settings, None),
+                                size=max(f.size, 0), payload=base))
+                continue
+            for start, end, first_row, rows, nbytes in parts:
+                split = [start, end]
+                payload = dict(base, split=split, first_row=first_row, rows=rows)
+                out.append(Task(STAGE, f"{src.name}/{f.rel_path}@rg{start:05d}-{end:05d}", src.name,
+                                fingerprint(STAGE, f.version, fmt, src_cfg, settings, split),
+                                size=nbytes, payload=payload))
         return out
 
     def allowed_errors(self, recipe: Recipe) -> int | None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import random
 import re
 import string
+import threading
+import time
 import tracemalloc
 import unicodedata
 from pathlib import Path
@@ -304,6 +307,50 @@ def test_split_parquet_ids_equal_unsplit(tmp_path):
     assert m_whole == m_split
     c = counts(m_whole)
     assert (c["files"], c["read"], c["kept"], c["filtered"]) == (1, 23, 17, {"short": 6})
+
+
+def test_parquet_footers_are_read_concurrently_and_plan_in_listing_order(tmp_path, monkeypatch):
+    """Planning reads the footers FOOTER_READERS at a time (a slow store's round trips overlap);
+    the tasks are those of one-at-a-time reads, in listing order, and of the unreadable footers
+    the first listed is the one reported."""
+    for i in range(8):
+        _parquet(tmp_path / "in" / "java" / f"train-{i}.parquet", [f"{i} {LONG}"] * 6, row_group_size=2)
+    recipe = make_recipe(tmp_path, [{"urls": [str(tmp_path / "in" / "**" / "*.parquet")], "text_field": "content"}],
+                         split_row_groups=1)
+    module = importlib.import_module("pipeline.ingest.stage")  # `ingest.stage` is the stage object
+    real, active, peak = module.parquet_splits, [0], [0]
+    lock = threading.Lock()
+
+    def slow_splits(url, every):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)  # a store's round trip
+        try:
+            return real(url, every)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(module, "parquet_splits", slow_splits)
+    tasks = ingest.stage.plan(recipe, RunDir(recipe.output))
+    assert peak[0] > 1
+    monkeypatch.setattr(module, "FOOTER_READERS", 1)
+    serial = ingest.stage.plan(recipe, RunDir(recipe.output))
+    assert [(t.id, t.fingerprint, t.payload) for t in tasks] == [(t.id, t.fingerprint, t.payload) for t in serial]
+    assert [t.id for t in tasks[:4]] == [f"src/java/train-0.parquet@rg{i:05d}-{i + 1:05d}" for i in range(3)] + [
+        "src/java/train-1.parquet@rg00000-00001"]
+
+    def failing(url, every):
+        if url.endswith(("train-2.parquet", "train-6.parquet")):
+            time.sleep(0.1 if url.endswith("train-2.parquet") else 0)  # the later-listed one fails first
+            raise ingest.IngestError(f"planning ingest: {url}: storage failed")
+        return real(url, every)
+
+    monkeypatch.setattr(module, "FOOTER_READERS", 8)
+    monkeypatch.setattr(module, "parquet_splits", failing)
+    with pytest.raises(ingest.IngestError, match=r"train-2\.parquet: storage failed"):
+        ingest.stage.plan(recipe, RunDir(recipe.output))
 
 
 def test_select_dirs_is_exact(tmp_path):
