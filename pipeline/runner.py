@@ -401,7 +401,9 @@ def _append_timeline(run: RunDir, report: StageReport, records: list[dict]) -> N
 
 
 class _RunLog:
-    """Log to RUN/logs/<time>-run.log (local run dirs directly; remote ones uploaded at the end)."""
+    """Log to RUN/logs/<time>-run.log: local run dirs directly; remote ones through a local file
+    uploaded after each stage and at the end (an object store has no append: a driver killed in
+    a stage leaves the log up to the previous stage's end)."""
 
     def __init__(self, run: RunDir):
         name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}-run.log"
@@ -418,12 +420,18 @@ class _RunLog:
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger("tinyprep").addHandler(self.handler)
 
+    def sync(self) -> None:
+        """Upload what is logged so far (remote run directories; a local one is written as it goes)."""
+        if self.remote:
+            self.handler.flush()
+            with open(self.local, "rb") as fh:
+                storage.write_bytes(self.remote, fh.read())
+
     def close(self) -> None:
         logging.getLogger("tinyprep").removeHandler(self.handler)
         self.handler.close()
         if self.remote:
-            with open(self.local, "rb") as fh:
-                storage.write_bytes(self.remote, fh.read())
+            self.sync()
             os.unlink(self.local)
 
 
@@ -514,6 +522,7 @@ def run_recipe(recipe: Recipe, stages: list[str] | None = None, workers: int | N
                     log.warning("%s: %d bad input(s) accepted (max_errors=%s):\n%s", name, report.errors,
                                 report.allowed_errors, "\n".join(issue_summary(run, name)))
                 log.info("%s done in %s", name, fmt_duration(report.seconds))
+                runlog.sync()
         finally:
             if owned:
                 executor.close()

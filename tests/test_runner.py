@@ -181,3 +181,28 @@ def test_a_full_disk_fails_with_one_line_and_the_run_resumes(reference, workdir,
     r = tinyprep("run", RECIPE, "--output", str(run), "--workers", "2", cwd=workdir)
     assert r.returncode == 0, r.stderr
     assert outputs(run) == expected
+
+
+def test_a_remote_run_log_is_uploaded_after_each_stage_not_only_at_the_end():
+    """An object store has no append: the run log goes up after each stage, so a driver killed in a
+    later stage leaves what was logged before."""
+    import logging
+    import os
+
+    from pipeline import storage
+    from pipeline.layout import RunDir
+    from pipeline.runner import _RunLog
+
+    run = RunDir("memory://runlog-test/run")
+    runlog = _RunLog(run)
+    try:
+        logging.getLogger("tinyprep").warning("ingest done in 1s")
+        runlog.sync()
+        (url,) = storage.url_to_fs(run.url)[0].glob("/runlog-test/run/logs/*-run.log")
+        assert b"ingest done in 1s" in storage.read_bytes(f"memory://{url}")
+        logging.getLogger("tinyprep").warning("dedup done in 2s")
+    finally:
+        runlog.close()
+    text = storage.read_bytes(f"memory://{url}")
+    assert b"ingest done in 1s" in text and b"dedup done in 2s" in text
+    assert not os.path.exists(runlog.local)
