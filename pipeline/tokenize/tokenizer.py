@@ -270,6 +270,25 @@ def check_manifest_tokenizer(url: str, run: RunDir | str, manifest: Manifest, ro
     return model
 
 
+def run_tokenizer(run: RunDir | str, manifest: Manifest, path: str | None = None, hint: str = "") -> tuple[bytes, str]:
+    """(model bytes, where they were read) of the tokenizer manifest.json was tokenized with, for
+    the tools that read a run (inspect, export-model): `path` if given, else the path the manifest
+    records (the driver's: it may not exist on this machine), else the run's own copy in
+    RUN/assets/. Whichever is read must hash to the manifest's sha256; else TokenizerMismatch (a
+    file of other bytes says more than a missing one)."""
+    if path is not None:
+        candidates = [path]
+    else:
+        candidates = [manifest_tokenizer_url(run, manifest), as_run(run).assets(ASSET_TOKENIZER)]
+    errors = []
+    for url in candidates:
+        try:
+            return check_manifest_tokenizer(url, run, manifest, hint=hint), url
+        except TokenizerMismatch as e:
+            errors.append((not storage.exists(url), e))
+    raise min(errors, key=lambda item: item[0])[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Training (the stage's `tokenizer` phase and `tinyprep train-tokenizer`)
 

@@ -86,15 +86,10 @@ class _Decoder:
 
 
 def _run_decoder(run_url: str, manifest: Manifest, tokenizer: str | None, pieces: int) -> _Decoder:
-    from ..tokenize.tokenizer import (
-        TokenizerMismatch,
-        check_manifest_tokenizer,
-        manifest_tokenizer_url,
-    )
+    from ..tokenize.tokenizer import TokenizerMismatch, run_tokenizer
 
-    url = tokenizer or manifest_tokenizer_url(run_url, manifest)
-    try:
-        model = check_manifest_tokenizer(url, run_url, manifest, hint="; pass --tokenizer PATH (the model it used)")
+    try:  # --tokenizer, else the manifest's path, else the run's copy in RUN/assets/
+        model, url = run_tokenizer(run_url, manifest, tokenizer, hint="; pass --tokenizer PATH (the model it used)")
     except TokenizerMismatch as e:
         raise InspectError(str(e)) from None
     try:

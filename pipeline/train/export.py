@@ -231,28 +231,15 @@ def generation_config(bos_id: int | None, eos_id: int | None) -> dict:
 
 
 def run_tokenizer(run_url: str, manifest: Manifest, path: str | None = None) -> tuple[bytes, str]:
-    """(model bytes, where they were read) of the tokenizer manifest.json was tokenized with: `path`
-    if given, else the path the manifest records, else the run's copy in RUN/assets/; whichever is
-    read must hash to the manifest's sha256 (else the error of a file of other bytes, if one was found)."""
-    from ..tokenize.tokenizer import (
-        ASSET_TOKENIZER,
-        TokenizerMismatch,
-        check_manifest_tokenizer,
-        manifest_tokenizer_url,
-    )
+    """(model bytes, where they were read) of the run's tokenizer (tokenize/tokenizer.py's
+    run_tokenizer: `path`, the manifest's path, RUN/assets; checked by sha256)."""
+    from ..tokenize.tokenizer import TokenizerMismatch
+    from ..tokenize.tokenizer import run_tokenizer as resolve
 
-    hint = "; pass --tokenizer PATH (the model the run was tokenized with)"
-    if path is not None:
-        candidates = [path]
-    else:
-        candidates = [manifest_tokenizer_url(run_url, manifest), as_run(run_url).assets(ASSET_TOKENIZER)]
-    errors = []
-    for url in candidates:
-        try:
-            return check_manifest_tokenizer(url, run_url, manifest, hint=hint), url
-        except TokenizerMismatch as e:
-            errors.append((not storage.exists(url), str(e)))
-    raise ModelExportError(min(errors)[1], 2)  # a file of other bytes says more than a missing one
+    try:
+        return resolve(run_url, manifest, path, hint="; pass --tokenizer PATH (the model the run was tokenized with)")
+    except TokenizerMismatch as e:
+        raise ModelExportError(str(e), 2) from None
 
 
 def tokenizer_files(model: bytes, manifest: Manifest, max_len: int) -> dict[str, bytes]:

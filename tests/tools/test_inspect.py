@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -98,6 +99,24 @@ def test_inspect_errors_name_what_to_change(reference, tmp_path):
         inspect_run(str(run), tokenizer=str(other))
     with pytest.raises(InspectError, match="no such file"):
         inspect_file(str(tmp_path / "missing.bin"))
+
+
+def test_inspect_takes_the_runs_copy_when_the_manifests_tokenizer_is_not_on_this_machine(reference, tmp_path):
+    """manifest.json records the driver's path of the tokenizer; on another machine the run's own
+    copy in RUN/assets/ (checked by sha256) decodes the same text."""
+    run = tmp_path / "moved"
+    shutil.copytree(reference[0], run, ignore=shutil.ignore_patterns("dedup", "raw", "tasks", "logs"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["tokenizer"]["path"] = str(tmp_path / "driver-only" / "tokenizer.model")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    (run / "assets").mkdir(exist_ok=True)
+    (run / "tokenizer.model").rename(run / "assets" / "tokenizer.model")
+    picked = inspect_run(str(run), "slimpajama", n=3, seed=1)
+    assert [p.text for p in picked] == [p.text for p in inspect_run(str(reference[0]), "slimpajama", n=3, seed=1)]
+    model = (run / "assets" / "tokenizer.model").read_bytes()
+    (run / "assets" / "tokenizer.model").write_bytes(model[:-1] + bytes([model[-1] ^ 1]))
+    with pytest.raises(InspectError, match=r"assets/tokenizer\.model has sha256"):  # other bytes: said first
+        inspect_run(str(run), "slimpajama", n=1)
 
 
 @pytest.mark.parametrize("evil", ["\x1b]0;pwned\x07", "\x1b[2J", "\x9b31m", "line\roverwritten", "\u202eevil"])
