@@ -7,12 +7,14 @@ One job per module (torchtitan's layout):
     permutation.py  keyed Feistel bijection of [0, n): a fresh shuffle per source and epoch
     mixing.py       exact per-batch source counts (a periodic Pfair table) and in-batch order
     shards.py       token windows of a source's stream over its shards (pread, per-shard offsets)
-    loader.py       the global sample stream, each rank's slice, resume state; the holdout set;
-                    every batch's token ids checked (vocabulary, all-zero windows)
+    loader.py       the global sample stream, each rank's slice, resume state and the plan it is
+                    a position in (plan_record / plan_changes); the prefetch thread; the holdout
+                    set; every batch's token ids checked (vocabulary, all-zero windows)
     preflight.py    before any rank starts: the recipe's mix settings against mixture.json, every
                     shard's files against manifest.json
     schedule.py     warmup + cosine learning rate
-    checkpoint.py   DCP checkpoints (model, optimizer, loader position, RNG); the newest usable one
+    checkpoint.py   DCP checkpoints (model, optimizer, loader position, RNG, the plan trained on);
+                    the newest usable one; refusing a resume on another plan
     metrics.py      metrics.jsonl and console lines, MFU
     distributed.py  process groups and launching ranks (or joining torchrun's)
     trainer.py      prepare, launch, the training loop, validation

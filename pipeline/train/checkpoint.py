@@ -7,11 +7,11 @@ written by rank 0 once DCP has committed everything, marks the checkpoint comple
 it belongs to; a directory without it (a run killed while saving) is ignored. Resuming checks the
 plan and the model shape before anything is loaded.
 
-The plan: meta.json's `plan` (`plan_record`) holds everything the sample stream is a function of
+The plan: meta.json's `plan` (`loader.plan_record`) holds everything the sample stream is a function of
 (loader.py): seq_len, the mixture seed, the global batch, and per source in order its name, samples
 planned, samples per epoch and train shards (count, tokens, a digest of their checksums), with the
 weights and token budget that led to them. Resuming compares it field by field with this run's
-(`plan_changes`) and refuses, in one line naming what changed, any change that alters a sample to
+(`loader.plan_changes`) and refuses, in one line naming what changed, any change that alters a sample to
 come: re-running `mix` with another token_budget keeps the mixture fingerprint (shard checksums,
 weights, seq_len, seed) but changes every source's share of a batch, hence every later batch.
 Changes that leave the stream as it was resume: a planned sample count that changes while every
@@ -32,7 +32,6 @@ a run directory copied or moved elsewhere resumes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
@@ -47,8 +46,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from ..formats.manifest import Manifest, Mixture
-from .mixing import MixtureSchedule
+from .loader import PLAN_VERSION, is_plan_record, plan_changes
 
 log = logging.getLogger("tinyprep")
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -102,7 +100,7 @@ def read_info(path: Path) -> CheckpointInfo:
             raise CheckpointError(f"meta.json: {key!r} is missing or not {typ.__name__}")
     if meta["step"] != int(m.group(1)):
         raise CheckpointError(f"meta.json: step {meta['step']} is not the directory's step {int(m.group(1))}")
-    if "plan" in meta and not _is_plan_record(meta["plan"]):
+    if "plan" in meta and not is_plan_record(meta["plan"]):
         raise CheckpointError(f"meta.json: 'plan' is not a plan record of version {PLAN_VERSION}")
     return CheckpointInfo(path, meta["step"], meta)
 
@@ -158,83 +156,6 @@ def resumable(root: Path) -> tuple[CheckpointInfo | None, list[tuple[Path, str]]
             continue
         return info, damaged
     return None, damaged
-
-
-# -- the plan a checkpoint was trained on -------------------------------------------------------------
-
-PLAN_VERSION = 1
-_PLAN_KEYS = {"version": int, "seq_len": int, "seed": int, "global_batch": int, "token_budget": int,
-              "total_samples": int, "sources": list}
-_PLAN_SOURCE_KEYS = {"name": str, "weight": (int, float), "samples": int, "samples_per_epoch": int, "shards": int,
-                     "tokens": int, "shards_sha256": str}
-
-
-def plan_record(manifest: Manifest, mixture: Mixture, global_batch: int) -> dict:
-    """What the sample stream of (mixture, global batch) is a function of, for meta.json: the
-    stream-defining fields of mixture.json, the train shards' checksums of each source (as one
-    digest) and the global batch; token_budget and the weights are kept to say why samples moved."""
-    checksums = {e.path: e.bin_sha256 for e in manifest.shards if e.split == "train"}
-    sources = []
-    for s in mixture.sources:
-        digest = hashlib.sha256("\n".join(checksums.get(p, "") for p in s.shards).encode()).hexdigest()
-        sources.append({"name": s.name, "weight": s.weight, "samples": s.samples,
-                        "samples_per_epoch": s.samples_per_epoch, "shards": len(s.shards),
-                        "tokens": s.available_tokens, "shards_sha256": digest})
-    return {"version": PLAN_VERSION, "seq_len": mixture.seq_len, "seed": mixture.seed,
-            "global_batch": int(global_batch), "token_budget": mixture.token_budget,
-            "total_samples": mixture.total_samples, "sources": sources}
-
-
-def _typed(obj, keys: dict) -> bool:
-    return isinstance(obj, dict) and all(
-        isinstance(obj.get(k), t) and not isinstance(obj.get(k), bool) for k, t in keys.items())
-
-
-def _is_plan_record(rec) -> bool:
-    return (_typed(rec, _PLAN_KEYS) and rec["version"] == PLAN_VERSION and bool(rec["sources"])
-            and all(_typed(s, _PLAN_SOURCE_KEYS) for s in rec["sources"]))
-
-
-def _shares(rec: dict) -> list[int]:
-    """Each source's share of a global batch as mixing.py allocates it (in 1/PERIOD samples): the
-    planned counts matter to the stream only through these (a plan of no sample has none)."""
-    planned = [s["samples"] for s in rec["sources"]]
-    return MixtureSchedule(planned, rec["global_batch"]).units if sum(planned) > 0 else []
-
-
-def _shards_phrase(a: dict, b: dict) -> str:
-    if (a["shards"], a["tokens"]) == (b["shards"], b["tokens"]):
-        return f"source {a['name']!r} train shards have other contents ({a['shards']:,} shards, {a['tokens']:,} tokens)"
-    return (f"source {a['name']!r} train shards {a['shards']:,} ({a['tokens']:,} tokens) -> "
-            f"{b['shards']:,} ({b['tokens']:,} tokens)")
-
-
-def plan_changes(saved: dict, current: dict) -> list[str]:
-    """The changes from the plan a checkpoint was trained on (`saved`) to this run's (`current`)
-    that alter the sample stream, one phrase each ("source 'web' samples 70 -> 88, source 'code'
-    samples 30 -> 37 (mix.token_budget 3,200 -> 4,000)"); empty when every sample to come is the same."""
-    out = []
-    for key, name in (("seq_len", "mix.seq_len"), ("seed", "mix.seed"), ("global_batch", "train.global_batch")):
-        if saved[key] != current[key]:
-            out.append(f"{name} {saved[key]:,} -> {current[key]:,}")
-    names = ([s["name"] for s in saved["sources"]], [s["name"] for s in current["sources"]])
-    if names[0] != names[1]:
-        return out + [f"sources {names[0]} -> {names[1]}"]
-    pairs = list(zip(saved["sources"], current["sources"]))
-    for a, b in pairs:
-        if a["shards_sha256"] != b["shards_sha256"] or a["tokens"] != b["tokens"]:
-            out.append(_shards_phrase(a, b))  # samples_per_epoch follows from tokens and seq_len
-    moved = [(a, b) for a, b in pairs if a["samples"] != b["samples"]]
-    if moved and saved["global_batch"] == current["global_batch"] and _shares(saved) != _shares(current):
-        phrases = [f"source {a['name']!r} samples {a['samples']:,} -> {b['samples']:,}" +
-                   (f" (weight {a['weight']:.6g} -> {b['weight']:.6g})" if a["weight"] != b["weight"] else "")
-                   for a, b in moved]
-        if saved["token_budget"] != current["token_budget"]:
-            phrases[-1] += f" (mix.token_budget {saved['token_budget']:,} -> {current['token_budget']:,})"
-        elif all(a["weight"] == b["weight"] for a, b in moved):
-            phrases[-1] += " (mix.token_budget or the weights changed?)"
-        out.append(", ".join(phrases))
-    return out
 
 
 def check_compatible(info: CheckpointInfo, plan: dict, fingerprint: str, model: dict) -> None:

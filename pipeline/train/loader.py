@@ -38,6 +38,7 @@ once for them): about 5% of the loader's CPU time at 8 x 2049 tokens a batch
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import threading
@@ -125,6 +126,84 @@ class MixtureIndex:
                 for name, c, n in zip(self.names, counts, self.per_epoch)}
 
 
+# -- the plan: everything the stream is a function of (checkpoints keep it; resuming compares it) --
+
+PLAN_VERSION = 1
+_PLAN_KEYS = {"version": int, "seq_len": int, "seed": int, "global_batch": int, "token_budget": int,
+              "total_samples": int, "sources": list}
+_PLAN_SOURCE_KEYS = {"name": str, "weight": (int, float), "samples": int, "samples_per_epoch": int, "shards": int,
+                     "tokens": int, "shards_sha256": str}
+
+
+def plan_record(manifest: Manifest, mixture: Mixture, global_batch: int) -> dict:
+    """What the sample stream of (mixture, global batch) is a function of, for meta.json: the
+    stream-defining fields of mixture.json, the train shards' checksums of each source (as one
+    digest) and the global batch; token_budget and the weights are kept to say why samples moved."""
+    checksums = {e.path: e.bin_sha256 for e in manifest.shards if e.split == "train"}
+    sources = []
+    for s in mixture.sources:
+        digest = hashlib.sha256("\n".join(checksums.get(p, "") for p in s.shards).encode()).hexdigest()
+        sources.append({"name": s.name, "weight": s.weight, "samples": s.samples,
+                        "samples_per_epoch": s.samples_per_epoch, "shards": len(s.shards),
+                        "tokens": s.available_tokens, "shards_sha256": digest})
+    return {"version": PLAN_VERSION, "seq_len": mixture.seq_len, "seed": mixture.seed,
+            "global_batch": int(global_batch), "token_budget": mixture.token_budget,
+            "total_samples": mixture.total_samples, "sources": sources}
+
+
+def _typed(obj, keys: dict) -> bool:
+    return isinstance(obj, dict) and all(
+        isinstance(obj.get(k), t) and not isinstance(obj.get(k), bool) for k, t in keys.items())
+
+
+def is_plan_record(rec) -> bool:
+    """A well-formed plan record of this version (meta.json's `plan`, a loader state's)."""
+    return (_typed(rec, _PLAN_KEYS) and rec["version"] == PLAN_VERSION and bool(rec["sources"])
+            and all(_typed(s, _PLAN_SOURCE_KEYS) for s in rec["sources"]))
+
+
+def _shares(rec: dict) -> list[int]:
+    """Each source's share of a global batch as mixing.py allocates it (in 1/PERIOD samples): the
+    planned counts matter to the stream only through these (a plan of no sample has none)."""
+    planned = [s["samples"] for s in rec["sources"]]
+    return MixtureSchedule(planned, rec["global_batch"]).units if sum(planned) > 0 else []
+
+
+def _shards_phrase(a: dict, b: dict) -> str:
+    if (a["shards"], a["tokens"]) == (b["shards"], b["tokens"]):
+        return f"source {a['name']!r} train shards have other contents ({a['shards']:,} shards, {a['tokens']:,} tokens)"
+    return (f"source {a['name']!r} train shards {a['shards']:,} ({a['tokens']:,} tokens) -> "
+            f"{b['shards']:,} ({b['tokens']:,} tokens)")
+
+
+def plan_changes(saved: dict, current: dict) -> list[str]:
+    """The changes from the plan a checkpoint was trained on (`saved`) to this run's (`current`)
+    that alter the sample stream, one phrase each ("source 'web' samples 70 -> 88, source 'code'
+    samples 30 -> 37 (mix.token_budget 3,200 -> 4,000)"); empty when every sample to come is the same."""
+    out = []
+    for key, name in (("seq_len", "mix.seq_len"), ("seed", "mix.seed"), ("global_batch", "train.global_batch")):
+        if saved[key] != current[key]:
+            out.append(f"{name} {saved[key]:,} -> {current[key]:,}")
+    names = ([s["name"] for s in saved["sources"]], [s["name"] for s in current["sources"]])
+    if names[0] != names[1]:
+        return out + [f"sources {names[0]} -> {names[1]}"]
+    pairs = list(zip(saved["sources"], current["sources"]))
+    for a, b in pairs:
+        if a["shards_sha256"] != b["shards_sha256"] or a["tokens"] != b["tokens"]:
+            out.append(_shards_phrase(a, b))  # samples_per_epoch follows from tokens and seq_len
+    moved = [(a, b) for a, b in pairs if a["samples"] != b["samples"]]
+    if moved and saved["global_batch"] == current["global_batch"] and _shares(saved) != _shares(current):
+        phrases = [f"source {a['name']!r} samples {a['samples']:,} -> {b['samples']:,}" +
+                   (f" (weight {a['weight']:.6g} -> {b['weight']:.6g})" if a["weight"] != b["weight"] else "")
+                   for a, b in moved]
+        if saved["token_budget"] != current["token_budget"]:
+            phrases[-1] += f" (mix.token_budget {saved['token_budget']:,} -> {current['token_budget']:,})"
+        elif all(a["weight"] == b["weight"] for a, b in moved):
+            phrases[-1] += " (mix.token_budget or the weights changed?)"
+        out.append(", ".join(phrases))
+    return out
+
+
 def first_bad_row(rows: np.ndarray, vocab_size: int, hi: np.ndarray | None = None) -> int:
     """-1 when every row (a token window) holds ids in [0, vocab_size) and is not all zeros, else the
     first row that is not. The common case is a max per row (into `hi` if given: scratch of len(rows)
@@ -203,15 +282,26 @@ class MixtureLoader:
                 raise FormatError(f"mixture.json: source {src.name!r}: available_tokens {src.available_tokens:,} "
                                   f"!= {stream.tokens:,} in its shards")
         self.dtype = self.shards.dtype
+        self.manifest = manifest
         self.vocab_size = manifest.tokenizer.vocab_size
 
     # -- state: one integer -----------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The position (samples consumed) and the plan it is a position in (for a trainer of
+        one's own that checkpoints the loader as a Stateful)."""
         return {"samples": self.samples, "global_batch": self.index.global_batch,
-                "fingerprint": self.index.mixture.fingerprint}
+                "fingerprint": self.index.mixture.fingerprint,
+                "plan": plan_record(self.manifest, self.index.mixture, self.index.global_batch)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["fingerprint"] != self.index.mixture.fingerprint:
+        """Resume at the state's position; ValueError naming what changed when the state comes
+        from a plan whose samples to come differ (a state without a plan: its fingerprint)."""
+        if state.get("plan") is not None:
+            changes = plan_changes(state["plan"], plan_record(self.manifest, self.index.mixture,
+                                                              self.index.global_batch))
+            if changes:
+                raise ValueError("loader state comes from a different plan: " + "; ".join(changes))
+        elif state["fingerprint"] != self.index.mixture.fingerprint:
             raise ValueError("loader state comes from another mixture")
         if state["global_batch"] != self.index.global_batch:
             raise ValueError(f"loader state has global batch {state['global_batch']}, this run "

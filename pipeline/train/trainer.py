@@ -43,7 +43,7 @@ from .distributed import (
     pick_device,
     under_launcher,
 )
-from .loader import HoldoutSet, MixtureLoader, check_world
+from .loader import HoldoutSet, MixtureLoader, check_world, plan_record
 from .metrics import MetricsLog, peak_flops, truncate_after
 from .model import LlamaConfig, attention_kind, model_config
 from .parallelize import build_model
@@ -142,7 +142,7 @@ def prepare(recipe: Recipe, nproc: int | None = None, fresh: bool = False) -> Tr
             log.warning(f"train: checkpoint {path} is damaged ({why}); resuming from {found.path} instead")
     if found is not None:
         try:
-            checkpoint.check_compatible(found, checkpoint.plan_record(manifest, mixture, cfg.global_batch),
+            checkpoint.check_compatible(found, plan_record(manifest, mixture, cfg.global_batch),
                                         mixture.fingerprint, asdict(model))
         except checkpoint.CheckpointError as e:
             raise TrainError(str(e)) from None
@@ -406,7 +406,7 @@ class Trainer:
                        "global_batch": self.cfg.global_batch}
         meta = {"world": self.env.world, "model": asdict(plan.model), "model_name": self.cfg.model,
                 "sources": self.loader.index.consumed(self.loader.samples),
-                "plan": checkpoint.plan_record(plan.manifest, plan.mixture, self.cfg.global_batch)}
+                "plan": plan_record(plan.manifest, plan.mixture, self.cfg.global_batch)}
         path = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, train_state, meta,
                                self.env.rank, self.env.device, self.cfg.keep_checkpoints)
         if self.env.is_main:

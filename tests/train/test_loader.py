@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import tracemalloc
@@ -214,8 +215,14 @@ def test_resume_is_one_integer(run):
     b.load_state_dict(state)
     assert all((x == y).all() for x, y in zip(rest, (bt.tokens for bt, _ in zip(b, range(4)))))
     assert len(first) == 5
-    with pytest.raises(ValueError, match="another mixture"):
-        b.load_state_dict({**state, "fingerprint": "0" * 64})
+    with pytest.raises(ValueError, match="another mixture"):  # a state without a plan record
+        b.load_state_dict({k: v for k, v in state.items() if k != "plan"} | {"fingerprint": "0" * 64})
+    # another token budget keeps the fingerprint but moves every source's share of a batch
+    moved = dataclasses.replace(mixture, sources=[dataclasses.replace(s, samples=s.samples + 7 * i)
+                                                  for i, s in enumerate(mixture.sources)])
+    assert moved.fingerprint == mixture.fingerprint
+    with pytest.raises(ValueError, match=r"different plan: source '\w+' samples \d+ -> \d+"):
+        MixtureLoader(run, manifest, moved, 8).load_state_dict(state)
 
 
 # -- prefetch --------------------------------------------------------------------------------------

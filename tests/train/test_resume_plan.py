@@ -1,4 +1,4 @@
-"""Resuming checks the plan a checkpoint was trained on (checkpoint.plan_record in its meta.json)
+"""Resuming checks the plan a checkpoint was trained on (loader.plan_record in its meta.json)
 against this run's, field by field: a change that alters a sample to come is refused in one line
 naming it, one that does not (a validation setting, a re-planned mixture whose batches are the same)
 resumes. The mixture fingerprint alone misses a re-run of `mix` with another token budget: same
@@ -21,8 +21,7 @@ from conftest import tinyprep
 
 from pipeline.formats.manifest import load_manifest, load_plan
 from pipeline.recipe import parse_recipe
-from pipeline.train import checkpoint
-from pipeline.train.loader import MixtureIndex
+from pipeline.train.loader import MixtureIndex, plan_changes
 from pipeline.train.trainer import TrainError, prepare, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,7 +187,7 @@ def _shares(record: dict, web: int, code: int) -> dict:
 
 
 def test_plan_changes_name_every_stream_field(record):
-    assert checkpoint.plan_changes(record, record) == []
+    assert plan_changes(record, record) == []
     cases = {
         "mix.seq_len 32 -> 64": lambda r: r.update(seq_len=64),
         "train.global_batch 8 -> 16": lambda r: r.update(global_batch=16),
@@ -199,18 +198,18 @@ def test_plan_changes_name_every_stream_field(record):
                                                                           shards_sha256="1" * 64),
     }
     for phrase, edit in cases.items():
-        changes = checkpoint.plan_changes(record, _edited(record, edit))
+        changes = plan_changes(record, _edited(record, edit))
         assert len(changes) == 1 and changes[0].startswith(phrase), (phrase, changes)
 
 
 def test_plan_changes_follow_the_shares_of_a_batch_not_the_raw_counts(record):
-    assert checkpoint.plan_changes(record, _shares(record, 7, 3)) == []  # 70:30 as 7:3: the same batches
-    changes = checkpoint.plan_changes(record, _shares(record, 71, 29))
+    assert plan_changes(record, _shares(record, 7, 3)) == []  # 70:30 as 7:3: the same batches
+    changes = plan_changes(record, _shares(record, 71, 29))
     assert changes == [("source 'web' samples 70 -> 71, source 'code' samples 30 -> 29 "
                         "(mix.token_budget or the weights changed?)")]
     reweighted = _edited(_shares(record, 71, 29), lambda r: (r["sources"][0].update(weight=0.71),
                                                             r["sources"][1].update(weight=0.29)))
-    assert checkpoint.plan_changes(record, reweighted) == [
+    assert plan_changes(record, reweighted) == [
         "source 'web' samples 70 -> 71 (weight 0.7 -> 0.71), source 'code' samples 30 -> 29 (weight 0.3 -> 0.29)"]
     # a weight whose planned counts did not move changes no batch
-    assert checkpoint.plan_changes(record, _edited(record, lambda r: r["sources"][0].update(weight=0.7001))) == []
+    assert plan_changes(record, _edited(record, lambda r: r["sources"][0].update(weight=0.7001))) == []

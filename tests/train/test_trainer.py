@@ -21,6 +21,7 @@ import yaml
 
 from pipeline.recipe import parse_recipe
 from pipeline.train.distributed import launch
+from pipeline.train.loader import plan_record
 from pipeline.train.trainer import (
     FAULT_ENV,
     TrainError,
@@ -233,7 +234,7 @@ def test_checkpoints_record_the_plan(run_dir, reference):
 
     info = checkpoint.read_info(Path(run_dir) / "reference" / "checkpoints" / "step-00000008")
     manifest, mixture = load_plan(run_dir)
-    assert info.meta["plan"] == checkpoint.plan_record(manifest, mixture, 8)
+    assert info.meta["plan"] == plan_record(manifest, mixture, 8)
     assert [s["samples"] for s in info.meta["plan"]["sources"]] == [s.samples for s in mixture.sources]
 
 
