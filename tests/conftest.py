@@ -75,6 +75,15 @@ def kill_run_when(ready, *args: str, cwd: Path, faults: str, timeout: float = 18
         proc.wait()
 
 
+def one_line(e: pytest.ExceptionInfo, *words: str) -> str:
+    """The raised error's message: one line, holding each of `words`."""
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+    return msg
+
+
 def tree_digest(root: Path, *subdirs: str) -> dict[str, str]:
     """sha256 of every file under the given subdirectories of a run (relative path -> hash)."""
     out = {}

@@ -17,7 +17,7 @@ import orjson
 import pytest
 import synthetic
 import yaml
-from conftest import tinyprep
+from conftest import one_line, tinyprep
 
 from pipeline.formats.manifest import load_manifest, load_plan
 from pipeline.recipe import parse_recipe
@@ -72,14 +72,6 @@ def run(trained, tmp_path) -> Path:
     return d
 
 
-def _one_line(e: pytest.ExceptionInfo, *words: str) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for w in words:
-        assert w in msg, (w, msg)
-    return msg
-
-
 def _refs(run: Path, batches: int) -> np.ndarray:
     """(source, sample) of the global samples of the batches after the checkpoint's two."""
     refs = MixtureIndex(load_plan(str(run))[1], GB).refs(2 * GB, (2 + batches) * GB)
@@ -96,7 +88,7 @@ def test_another_token_budget_is_refused_in_one_line_naming_what_changed(run):
         prepare(_recipe(run, token_budget=125 * SEQ))
     was, now = before.source("web").samples, after.source("web").samples
     code = (before.source("code").samples, after.source("code").samples)
-    _one_line(e, f"{_ck(run)}: step 2 was trained on a different plan: source 'web' samples {was} -> {now}, "
+    one_line(e, f"{_ck(run)}: step 2 was trained on a different plan: source 'web' samples {was} -> {now}, "
               f"source 'code' samples {code[0]} -> {code[1]} (mix.token_budget {BUDGET:,} -> {125 * SEQ:,}); "
               "to resume, re-run mix with the original settings, or start over with --fresh")
     assert prepare(_recipe(run, token_budget=125 * SEQ), fresh=True).resume is None  # --fresh starts over
@@ -136,7 +128,7 @@ def test_a_replanned_mixture_with_the_same_batches_resumes(run):
 def test_another_global_batch_is_refused(run):
     with pytest.raises(TrainError) as e:
         prepare(_recipe(run, global_batch=16))
-    _one_line(e, "different plan: train.global_batch 8 -> 16; to resume, set train.global_batch back to 8, or "
+    one_line(e, "different plan: train.global_batch 8 -> 16; to resume, set train.global_batch back to 8, or "
                  "start over with --fresh")
 
 
@@ -144,7 +136,7 @@ def test_another_seed_is_refused(run):
     _replan(run, seed=43)
     with pytest.raises(TrainError) as e:
         prepare(_recipe(run, seed=43))
-    _one_line(e, "trained on a different plan: mix.seed 42 -> 43;")
+    one_line(e, "trained on a different plan: mix.seed 42 -> 43;")
 
 
 def test_a_checkpoint_without_a_plan_record_keeps_the_fingerprint_check(run):
@@ -157,14 +149,14 @@ def test_a_checkpoint_without_a_plan_record_keeps_the_fingerprint_check(run):
     _replan(run, seed=43)
     with pytest.raises(TrainError) as e:
         prepare(_recipe(run, seed=43))
-    _one_line(e, "another mixture", "--fresh")
+    one_line(e, "another mixture", "--fresh")
 
 
 def test_a_malformed_plan_record_makes_the_checkpoint_damaged(run):
     synthetic.rewrite_json(str(_ck(run) / "meta.json"), lambda m: m["plan"]["sources"][0].pop("samples"))
     with pytest.raises(TrainError) as e:
         prepare(_recipe(run))
-    _one_line(e, "damaged checkpoint", "'plan' is not a plan record of version 1", "--fresh")
+    one_line(e, "damaged checkpoint", "'plan' is not a plan record of version 1", "--fresh")
 
 
 # -- plan_changes on edited records ----------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 import synthetic
 import torch
 import yaml
-from conftest import tinyprep
+from conftest import one_line, tinyprep
 
 from pipeline.formats import FormatError
 from pipeline.formats.manifest import load_plan
@@ -83,14 +83,6 @@ def run(small_run, tmp_path) -> Path:
     return d
 
 
-def _one_line(e: pytest.ExceptionInfo, *words: str) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for w in words:
-        assert w in msg, (w, msg)
-    return msg
-
-
 # -- 1. the shards on disk against manifest.json, checked before any rank starts --------------------
 
 def _truncate(path: Path, by: int) -> None:
@@ -128,7 +120,7 @@ def test_shards_that_differ_from_the_manifest_are_refused_at_start_up(case, run)
     damage(run)
     with pytest.raises(TrainError) as e:
         prepare(_recipe(run))
-    _one_line(e, *words)
+    one_line(e, *words)
 
 
 def test_validation_shards_are_not_required_without_validation(run):
@@ -176,7 +168,7 @@ def test_mix_settings_changed_since_the_mix_stage_are_refused(case, run):
     change, words = MIX_CASES[case]
     with pytest.raises(TrainError) as e:
         prepare(_recipe(run, **change))
-    _one_line(e, "mixture.json: planned with other mix settings", "rerun the mix stage", "--stages mix", *words)
+    one_line(e, "mixture.json: planned with other mix settings", "rerun the mix stage", "--stages mix", *words)
 
 
 def test_an_unchanged_null_budget_and_max_epochs_are_not_changes(run):
@@ -272,7 +264,7 @@ def test_no_usable_checkpoint_is_refused(case, ckrun):
         damage(_ck(ckrun, step))
     with pytest.raises(TrainError) as e:
         prepare(_recipe(ckrun))
-    _one_line(e, str(_ck(ckrun, 6)), why, "and 1 more", "no usable checkpoint", "--fresh")
+    one_line(e, str(_ck(ckrun, 6)), why, "and 1 more", "no usable checkpoint", "--fresh")
     assert prepare(_recipe(ckrun), fresh=True).resume is None  # --fresh starts over
 
 
@@ -323,7 +315,7 @@ def test_an_id_outside_the_vocabulary_stops_with_the_shard_and_offset(tmp_path):
     with pytest.raises(FormatError) as e:
         for _ in MixtureLoader(str(run), manifest, mixture, 8).batches(0, 200):
             pass
-    msg = _one_line(e, "shards/code/train/00000.bin", "token id 300 is outside the tokenizer's vocabulary of 256")
+    msg = one_line(e, "shards/code/train/00000.bin", "token id 300 is outside the tokenizer's vocabulary of 256")
     path, offset = _offset_of(msg)
     assert _tokens(path)[offset] == 300
 
@@ -337,7 +329,7 @@ def test_an_all_zero_window_stops_with_the_shard_and_offset(run):
     with pytest.raises(FormatError) as e:
         for _ in MixtureLoader(str(run), plan.manifest, plan.mixture, 8).batches(0, 200):
             pass
-    msg = _one_line(e, "shards/code/train/00000.bin", f"the {SEQ + 1} tokens from here are all 0", "tinyprep verify")
+    msg = one_line(e, "shards/code/train/00000.bin", f"the {SEQ + 1} tokens from here are all 0", "tinyprep verify")
     path, offset = _offset_of(msg)
     assert offset % SEQ == 0 and offset + SEQ < _tokens(path).size
 
@@ -349,7 +341,7 @@ def test_the_holdout_is_checked_too(tmp_path):
     holdout = HoldoutSet(str(run), manifest, mixture, 4)
     with pytest.raises(FormatError) as e:
         holdout.read(holdout.items)
-    path, offset = _offset_of(_one_line(e, "shards/web/validation/00000.bin", "token id 999"))
+    path, offset = _offset_of(one_line(e, "shards/web/validation/00000.bin", "token id 999"))
     assert _tokens(path)[offset] == 999
 
 
@@ -392,7 +384,7 @@ CLI_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CLI_CASES))
-def test_cli_refusals_are_one_line(case, run):
+def test_cli_refusals_areone_line(case, run):
     damage, kw, words = CLI_CASES[case]
     damage(run)
     _cli_error(tinyprep("train", str(_write_recipe(run, **kw)), cwd=ROOT), *words)
@@ -414,7 +406,7 @@ def test_cli_refuses_when_no_checkpoint_is_usable_and_warns_on_a_fallback(ckrun)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_training_stops_on_an_id_outside_the_vocabulary_with_one_line(nproc, tmp_path):
+def test_training_stops_on_an_id_outside_the_vocabulary_withone_line(nproc, tmp_path):
     """One rank (in the CLI's process) or two (spawned): the loader's FormatError comes back as one
     line naming the shard and offset, not torch's IndexError from the embedding."""
     run = tmp_path / "run"
