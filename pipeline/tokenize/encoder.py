@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import re
+import struct
 import time
 from collections import Counter
 from itertools import chain, pairwise
@@ -467,7 +468,7 @@ class Encoder:
         texts = [sep.join(joinable[i:i + g]) + sep for i in range(0, len(joinable), g)]
         lists = self._raw.encode(texts + single, num_threads=self.threads)
         lens = list(map(len, lists))
-        flat = np.fromiter(chain.from_iterable(lists), dtype=dtype, count=sum(lens))
+        flat = ids_array(lists, dtype)
         n_join = sum(lens[:len(texts)])
         # end (exclusive) of each key's ids in flat: the separators, then the single ones
         ends = np.flatnonzero(flat[:n_join] == sep_id) if texts else np.empty(0, np.int64)
@@ -646,7 +647,7 @@ class Encoder:
                 ids.append(np.frombuffer(bytearray().join(part), dtype=self.dtype))
             else:
                 n = np.fromiter(map(len, part), dtype=np.int64, count=len(part))
-                ids.append(np.fromiter(chain.from_iterable(part), dtype=self.dtype, count=int(n.sum())))
+                ids.append(ids_array(part, self.dtype))
             lengths.append(n)
         if not ids:
             ids, lengths = np.zeros(0, dtype=self.dtype), np.zeros(0, dtype=np.int64)
@@ -675,6 +676,18 @@ class Encoder:
 
 
 # Segments per SentencePiece call when filling the cache (see Encoder._fill).
+def ids_array(lists: list[list[int]], dtype: np.dtype) -> np.ndarray:
+    """SentencePiece's id lists as one writable array of `dtype` (uint16 or int32). Long lists are
+    packed by struct, one C call each (about 10 ns a token on the development VM, against 17 for
+    np.fromiter over a chain, which stays the way for short lists, where a call per list costs more)."""
+    n = sum(map(len, lists))
+    if n < 64 * len(lists):
+        return np.fromiter(chain.from_iterable(lists), dtype=dtype, count=n)
+    code, pack = _STRUCT_CODES[dtype.char], struct.pack
+    return np.frombuffer(bytearray().join([pack(f"={len(x)}{code}", *x) for x in lists]), dtype=dtype)
+
+
+_STRUCT_CODES = {"H": "H", "i": "i"}  # numpy's dtype char -> struct's, native byte order both
 _GROUP = 64
 # Characters of text per internal sub-batch: its segment strings take about 6 bytes per
 # character while it is encoded (a batch's counts and frequency updates are per sub-batch).

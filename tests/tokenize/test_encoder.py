@@ -654,3 +654,20 @@ def test_random_unicode_goes_plain(models, monkeypatch):
     assert enc.encode(texts) == sp.encode(texts)
     st = enc.stats()
     assert st["probes"] > 0 and st["plain_docs"] >= len(texts) // 2, (st, enc._probe_ratio)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_ids_array_packs_short_and_long_lists_alike(dtype):
+    """SentencePiece's id lists to one writable array: struct for long lists, fromiter for short
+    ones; the same values either way, and the largest id of the dtype survives."""
+    from pipeline.tokenize.encoder import ids_array
+
+    rng = np.random.default_rng(3)
+    top = np.iinfo(dtype).max
+    for mean in (0, 1, 5, 63, 64, 700):
+        lists = [rng.integers(0, top, size=int(rng.integers(0, 2 * mean + 1)), endpoint=True).tolist()
+                 for _ in range(40)]
+        got = ids_array(lists, np.dtype(dtype))
+        want = np.array([x for lst in lists for x in lst], dtype=dtype)
+        assert got.dtype == np.dtype(dtype) and got.flags.writeable
+        np.testing.assert_array_equal(got, want)
