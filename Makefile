@@ -42,6 +42,8 @@ bench: setup
 	$(BIN)/python tests/benchmarks/bench_dedup.py
 	$(BIN)/python tests/benchmarks/bench_loader.py
 	$(BIN)/python tests/benchmarks/bench_scaling.py
+	$(BIN)/python tests/benchmarks/bench_plan_rates.py
+	$(BIN)/python tests/benchmarks/bench_train.py
 
 clean:
 	rm -rf runs data .pytest_cache
