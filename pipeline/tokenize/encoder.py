@@ -11,7 +11,8 @@ BPE, a normalization rule, user-defined or UNUSED pieces, ...) go to SentencePie
 encode, and so do sub-batches of text on which segments do not pay (random, base64, minified).
 
 Why this is exact, which models fall back, and how the cache is bounded (about 170 bytes an
-entry): ENCODER.md, next to this file. Change the code and that document together.
+entry): ENCODER.md, next to this file. Change the code and that document together. Reading the
+model is spmodel.py's; where text may be cut (the rules and the segmenting regex), cuts.py's.
 """
 
 from __future__ import annotations
@@ -20,294 +21,24 @@ import gc
 import hashlib
 import logging
 import os
-import re
 import struct
 import time
 from collections import Counter
-from itertools import chain, pairwise
+from itertools import chain
 from operator import itemgetter
 from sys import getsizeof
-from typing import Any
 
 import numpy as np
 import sentencepiece as spm
 
-__all__ = ["Encoder", "fast_path_supported", "model_info", "with_bos_eos"]
+from .cuts import WS, cut_plan, fast_path_supported, segmenter
+from .spmodel import NO_DUMMY_PREFIX, model_bytes, model_info
+
+__all__ = ["WS", "Encoder", "fast_path_supported", "ids_array", "model_info", "with_bos_eos"]
 
 log = logging.getLogger("tinyprep")
 
-WS = "\u2581"  # SentencePiece's escaped space
-# Characters cut around when no multi-character piece contains them (trainers read lines, so
-# newlines never are inside pieces; the others are checked on the vocabulary as well).
-CUT_CANDIDATES = "\n\r\t\f\v"
-
-# ModelProto.SentencePiece.Type and TrainerSpec.ModelType values.
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
-
-# add_dummy_prefix = false, as a normalizer_spec (field 3) sub-message to append to a
-# serialized ModelProto: a later occurrence of a singular message field is merged into the
-# earlier one, so only that flag changes.
-_NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
-
 _logged: set[tuple[str, str]] = set()
-
-
-# ----------------------------------------------------------------------------------------------
-# The few fields of sentencepiece_model.proto we need, read from the wire format (no protobuf
-# dependency). Defaults are the proto2 defaults of the .proto file.
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf: bytes):
-    """(field number, value) of each field of a serialized message, in order."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            val, pos = _varint(buf, pos)
-        elif wire == 2:
-            n, pos = _varint(buf, pos)
-            val = buf[pos:pos + n]
-            pos += n
-        elif wire == 5:
-            val = buf[pos:pos + 4]
-            pos += 4
-        elif wire == 1:
-            val = buf[pos:pos + 8]
-            pos += 8
-        else:
-            raise ValueError(f"not a SentencePiece model: wire type {wire}")
-        if pos > end:
-            raise ValueError("not a SentencePiece model: truncated")
-        yield num, val
-
-
-def _piece(buf: bytes) -> tuple[str, int]:
-    """(piece, type) of a serialized ModelProto.SentencePiece: ``_fields`` unrolled for its
-    three fields (tens of thousands of them per model)."""
-    piece, typ = "", NORMAL
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = (buf[pos], pos + 1) if buf[pos] < 0x80 else _varint(buf, pos)
-        wire = key & 7
-        if wire == 2:
-            n, pos = (buf[pos], pos + 1) if buf[pos] < 0x80 else _varint(buf, pos)
-            if key >> 3 == 1:
-                piece = buf[pos:pos + n].decode("utf-8")
-            pos += n
-        elif wire == 0:
-            v, pos = (buf[pos], pos + 1) if buf[pos] < 0x80 else _varint(buf, pos)
-            if key >> 3 == 3:
-                typ = v
-        elif wire == 5:
-            pos += 4
-        elif wire == 1:
-            pos += 8
-        else:
-            raise ValueError(f"not a SentencePiece model: wire type {wire}")
-        if pos > end:
-            raise ValueError("not a SentencePiece model: truncated")
-    return piece, typ
-
-
-_TRAINER_BOOLS = {21: "split_by_unicode_script", 22: "split_by_whitespace", 23: "split_by_number",
-                  24: "treat_whitespace_as_suffix", 25: "split_digits",
-                  26: "allow_whitespace_only_pieces", 35: "byte_fallback"}
-_NORMALIZER_BOOLS = {3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
-
-
-def model_info(model: Any) -> dict:
-    """Pieces, piece types, trainer and normalizer settings of a SentencePiece model.
-
-    ``model``: a path, the serialized ``ModelProto`` (bytes), a ``SentencePieceProcessor``, or a
-    ``sentencepiece_model_pb2.ModelProto``.
-    """
-    buf = _model_bytes(model)
-    info = {
-        "pieces": [], "types": [],
-        "model_type": 1, "vocab_size": 8000, "max_sentencepiece_length": 16,
-        "split_by_unicode_script": True, "split_by_whitespace": True, "split_by_number": True,
-        "treat_whitespace_as_suffix": False, "split_digits": False,
-        "allow_whitespace_only_pieces": False, "byte_fallback": False,
-        "normalizer_name": "", "precompiled_charsmap": b"", "add_dummy_prefix": True,
-        "remove_extra_whitespaces": True, "escape_whitespaces": True,
-    }
-    for num, val in _fields(buf):
-        if num == 1:  # pieces
-            piece, typ = _piece(val)
-            info["pieces"].append(piece)
-            info["types"].append(typ)
-        elif num == 2:  # trainer_spec (repeated occurrences merge: later fields win)
-            for n, v in _fields(val):
-                if n == 3:
-                    info["model_type"] = v
-                elif n == 4:
-                    info["vocab_size"] = v
-                elif n == 20:
-                    info["max_sentencepiece_length"] = v
-                elif n in _TRAINER_BOOLS:
-                    info[_TRAINER_BOOLS[n]] = bool(v)
-        elif num == 3:  # normalizer_spec
-            for n, v in _fields(val):
-                if n == 1:
-                    info["normalizer_name"] = bytes(v).decode("utf-8", "replace")
-                elif n == 2:
-                    info["precompiled_charsmap"] = bytes(v)
-                elif n in _NORMALIZER_BOOLS:
-                    info[_NORMALIZER_BOOLS[n]] = bool(v)
-    return info
-
-
-def _model_bytes(model: Any) -> bytes:
-    if isinstance(model, (bytes, bytearray, memoryview)):
-        return bytes(model)
-    if isinstance(model, (str, os.PathLike)):
-        with open(model, "rb") as f:
-            return f.read()
-    if hasattr(model, "serialized_model_proto"):  # SentencePieceProcessor
-        return model.serialized_model_proto()
-    if hasattr(model, "SerializeToString"):  # sentencepiece_model_pb2.ModelProto
-        return model.SerializeToString()
-    raise TypeError(f"not a SentencePiece model: {type(model).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------
-# The decision.
-
-_CROSS_WORD = re.compile(f"[^{WS}]{WS}")  # a piece that would straddle a word cut
-
-
-def _plan(info: dict) -> tuple[bool, str | None, dict]:
-    """(exact?, why not, plan): plan = {"prefix": bool, "cut_chars": str}."""
-    kind = MODEL_TYPES.get(info["model_type"], str(info["model_type"]))
-    if kind != "BPE":
-        return False, f"model type {kind}: only BPE merges are local", {}
-    if info["precompiled_charsmap"]:
-        return False, (f"normalization {info['normalizer_name'] or '(custom)'!r} rewrites text "
-                       "(a precompiled charsmap); only the identity rule is local"), {}
-    if info["remove_extra_whitespaces"]:
-        return False, "remove_extra_whitespaces=true collapses whitespace across words", {}
-    if not info["escape_whitespaces"]:
-        return False, "escape_whitespaces=false", {}
-    if info["treat_whitespace_as_suffix"]:
-        return False, "treat_whitespace_as_suffix=true", {}
-    if not info["split_by_whitespace"]:
-        return False, "split_by_whitespace=false: pieces may span words", {}
-    types = info["types"]
-    pieces = info["pieces"]
-    if USER_DEFINED in types:
-        n = types.count(USER_DEFINED)
-        return False, f"{n} user-defined symbol(s): matched as atoms, possibly across words", {}
-    if UNUSED in types:
-        n = types.count(UNUSED)
-        return False, f"{n} UNUSED piece(s): re-split through a map shared by the whole text", {}
-    normal = [p for p, t in zip(pieces, types) if t == NORMAL]
-    multi = [p for p in normal if len(p) > 1]
-    bad = next((p for p in multi if _CROSS_WORD.search(p)), None)
-    if bad is not None:
-        return False, f"vocabulary piece {bad!r} spans a word boundary", {}
-    singles = {p for p in normal if len(p) == 1}
-    byte_fallback = info["byte_fallback"]
-    if not byte_fallback and WS not in singles:
-        return False, ("no byte fallback and no '\u2581' piece: unknown pieces on either side of "
-                       "a word boundary would be merged into one <unk>"), {}
-    in_multi = set(chain.from_iterable(multi))
-    cut_chars = "".join(c for c in CUT_CANDIDATES
-                        if c not in in_multi and (byte_fallback or c in singles))
-    # pair cuts need byte fallback: without it, unknown characters on both sides of a cut
-    # would be merged into one <unk>
-    groups = _char_groups(multi) if byte_fallback else []
-    return True, None, {"prefix": info["add_dummy_prefix"], "cut_chars": cut_chars,
-                        "groups": groups}
-
-
-def _char_groups(multi: list[str]) -> list[str]:
-    """The characters of the multi-character pieces (other than the whitespace symbol), grouped
-    so that any two characters adjacent in a piece are in the same group: the connected
-    components of the "adjacent in some piece" relation. Two neighbouring characters of different
-    groups (or one of them in no group) are never inside one piece, so BPE never merges across
-    them. Largest group first."""
-    chars = set(chain.from_iterable(multi))
-    chars.discard(WS)
-    pairs = {(a, b) for p in multi for a, b in pairwise(p) if a != WS and b != WS}
-    parent = {c: c for c in chars}
-
-    def find(c: str) -> str:
-        while parent[c] != c:
-            parent[c] = parent[parent[c]]
-            c = parent[c]
-        return c
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[ra] = rb
-    groups: dict[str, list[str]] = {}
-    for c in chars:
-        groups.setdefault(find(c), []).append(c)
-    return sorted(("".join(sorted(g)) for g in groups.values()), key=lambda g: (-len(g), g))
-
-
-def fast_path_supported(model_path_or_proto: Any) -> tuple[bool, str | None]:
-    """Whether the segment cache gives exactly SentencePiece's ids for this model, and if not why.
-
-    Accepts a model path, serialized ``ModelProto`` bytes, a ``SentencePieceProcessor`` or a
-    ``sentencepiece_model_pb2.ModelProto``. The rules are those of ENCODER.md.
-    """
-    ok, why, _ = _plan(model_info(model_path_or_proto))
-    return ok, why
-
-
-def _class_body(chars: str) -> str:
-    """The inside of a regex character class matching exactly ``chars`` (as code point ranges)."""
-    cps = sorted(set(map(ord, chars)))
-    out, i = [], 0
-    while i < len(cps):
-        j = i
-        while j + 1 < len(cps) and cps[j + 1] == cps[j] + 1:
-            j += 1
-        out.append(re.escape(chr(cps[i])) if i == j
-                   else f"{re.escape(chr(cps[i]))}-{re.escape(chr(cps[j]))}")
-        i = j + 1
-    return "".join(out)
-
-
-def _segment_pattern(cut_chars: str, groups: list[str]) -> str:
-    """The segments, as alternatives of one regex (ENCODER.md, "Where the cuts go"):
-
-    * a run of cut characters;
-    * a (possibly empty) run of whitespace, then a run of characters of one group, or else one
-      character that is in no group (any character but whitespace and cut characters when there
-      are no groups: the word cuts alone);
-    * a run of whitespace at the end of the text or before a cut character.
-    """
-    ws = _class_body(" " + WS)
-    cc = _class_body(cut_chars)
-    alts = [f"[{cc}]+"] if cut_chars else []
-    if groups:
-        bodies = [_class_body(g) for g in groups]
-        runs = "|".join(f"[{b}]+" for b in bodies)
-        alts.append(f"[{ws}]*+(?:{runs}|[^{ws}{cc}{''.join(bodies)}])")
-    else:
-        alts.append(f"[{ws}]*+[^{ws}{cc}]+")
-    alts.append(f"[{ws}]+")
-    return "|".join(alts)
-
-
-def _segmenter(cut_chars: str, groups: list[str]):
-    return re.compile(_segment_pattern(cut_chars, groups)).findall
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,8 +65,8 @@ class Encoder:
             raise ValueError("cache_entries and max_segment_chars must be >= 0, threads >= 1")
         # a path, or the model's bytes (then named by their hash in messages)
         self.model_path = (str(model_path) if isinstance(model_path, (str, os.PathLike))
-                           else "sha256:" + hashlib.sha256(_model_bytes(model_path)).hexdigest()[:16])
-        self._setup(_model_bytes(model_path), cache_entries, max_segment_chars, threads)
+                           else "sha256:" + hashlib.sha256(model_bytes(model_path)).hexdigest()[:16])
+        self._setup(model_bytes(model_path), cache_entries, max_segment_chars, threads)
 
     def _setup(self, model: bytes, cache_entries: int, max_segment_chars: int, threads: int):
         self._model = model
@@ -346,7 +77,7 @@ class Encoder:
         vocab = self._sp.get_piece_size()
         self.dtype = np.dtype(np.uint16) if vocab <= 1 << 16 else np.dtype(np.int32)
         self._itemsize = self.dtype.itemsize
-        self.fast, self.why_not, plan = _plan(model_info(model))
+        self.fast, self.why_not, plan = cut_plan(model_info(model))
         self._cache: dict[str, bytes] = {}
         self._freq: Counter = Counter()
         self._bytes = 0
@@ -362,11 +93,11 @@ class Encoder:
         self._hold = 0  # sub-batches still to encode plainly because of them
         self._hold_next = _HOLD_MIN
         if self.fast:
-            self._raw = spm.SentencePieceProcessor(model_proto=model + _NO_DUMMY_PREFIX)
+            self._raw = spm.SentencePieceProcessor(model_proto=model + NO_DUMMY_PREFIX)
             self._prefix = plan["prefix"]
             self.cut_chars = plan["cut_chars"]
             self.groups = plan["groups"]
-            self._findall = _segmenter(self.cut_chars, self.groups)
+            self._findall = segmenter(self.cut_chars, self.groups)
             self._sep = self._sep_id = None
             for c in self.cut_chars:  # "\n" first where it is one
                 ids = self._raw.encode(c)

@@ -19,6 +19,7 @@ import sentencepiece as spm
 import zstandard
 
 from pipeline.tokenize import encoder as encmod
+from pipeline.tokenize.cuts import char_groups
 from pipeline.tokenize.encoder import (
     WS,
     Encoder,
@@ -26,6 +27,7 @@ from pipeline.tokenize.encoder import (
     model_info,
     with_bos_eos,
 )
+from pipeline.tokenize.spmodel import NO_DUMMY_PREFIX
 
 LLAMA = {"model_type": "bpe", "byte_fallback": True, "split_digits": True,
              "normalization_rule_name": "identity", "add_dummy_prefix": True,
@@ -297,14 +299,14 @@ def test_no_dummy_prefix_suffix_changes_only_that_flag(models):
     data = Path(models["llama"]).read_bytes()
     a, b = pb.ModelProto(), pb.ModelProto()
     a.ParseFromString(data)
-    b.ParseFromString(data + encmod._NO_DUMMY_PREFIX)
+    b.ParseFromString(data + NO_DUMMY_PREFIX)
     assert a.normalizer_spec.add_dummy_prefix and not b.normalizer_spec.add_dummy_prefix
     b.normalizer_spec.add_dummy_prefix = True
     assert a == b
-    info, info2 = model_info(data), model_info(data + encmod._NO_DUMMY_PREFIX)
+    info, info2 = model_info(data), model_info(data + NO_DUMMY_PREFIX)
     assert info2.pop("add_dummy_prefix") is False and info.pop("add_dummy_prefix") is True
     assert info == info2
-    raw = spm.SentencePieceProcessor(model_proto=data + encmod._NO_DUMMY_PREFIX)
+    raw = spm.SentencePieceProcessor(model_proto=data + NO_DUMMY_PREFIX)
     sp = sp_of(models["llama"])
     assert raw.encode(" the") == sp.encode("the") and raw.encode("") == []
 
@@ -356,7 +358,7 @@ def test_cut_chars_follow_the_vocabulary(models):
 
 def test_char_groups_follow_the_vocabulary(models):
     # groups are the connected components of "adjacent in a piece", "▁" left out
-    assert encmod._char_groups(["ab", "b(", "xy", f"{WS}z", f"{WS}{WS}", f"{WS}k("]) == ["(abk", "xy", "z"]
+    assert char_groups(["ab", "b(", "xy", f"{WS}z", f"{WS}{WS}", f"{WS}k("]) == ["(abk", "xy", "z"]
     enc = Encoder(models["llama"])
     letters = next(g for g in enc.groups if "e" in g)
     assert "(" not in letters and "," not in letters and not any(c.isdigit() for g in enc.groups for c in g)
@@ -371,7 +373,7 @@ def test_pair_cut_rule_is_necessary(models):
     # cutting where the trained model's groups allow, on the bridged model, gives other ids
     path = models["bridge"]
     sp = sp_of(path)
-    raw = spm.SentencePieceProcessor(model_proto=Path(path).read_bytes() + encmod._NO_DUMMY_PREFIX)
+    raw = spm.SentencePieceProcessor(model_proto=Path(path).read_bytes() + NO_DUMMY_PREFIX)
     text = "ye(s 7x"
     naive = [i for seg in Encoder(models["llama"]).segments(text) for i in raw.encode(seg)]
     assert sp.piece_to_id("e(") in sp.encode(text) and naive != sp.encode(text)
@@ -408,7 +410,7 @@ def test_cross_word_piece_would_break_segments(models):
     # the rule is necessary: with a piece "e▁t", encoding word by word differs from SentencePiece
     path = models["cross_word"]
     sp = sp_of(path)
-    raw = spm.SentencePieceProcessor(model_proto=Path(path).read_bytes() + encmod._NO_DUMMY_PREFIX)
+    raw = spm.SentencePieceProcessor(model_proto=Path(path).read_bytes() + NO_DUMMY_PREFIX)
     text = "the test"
     naive = raw.encode(" the") + raw.encode(" test")
     assert sp.piece_to_id(f"e{WS}t") in sp.encode(text) and naive != sp.encode(text)
