@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from .. import storage
 from .loader import PLAN_VERSION, is_plan_record, plan_changes
 
 log = logging.getLogger("tinyprep")
@@ -233,9 +234,8 @@ def save(root: Path, step: int, model, optimizer, train_state: dict, meta: dict,
              f"rng.rank{rank}": _rng_state(device)}
     dcp.save(state, storage_writer=_Writer(str(path)))
     if rank == 0:
-        tmp = path / "meta.json.tmp"
-        tmp.write_bytes(orjson.dumps({**meta, "step": step, **train_state}, option=orjson.OPT_INDENT_2))
-        tmp.rename(path / "meta.json")
+        storage.write_bytes(str(path / "meta.json"),
+                            orjson.dumps({**meta, "step": step, **train_state}, option=orjson.OPT_INDENT_2))
         complete = complete_checkpoints(root)
         for old in complete[:-keep]:
             shutil.rmtree(old.path, ignore_errors=True)

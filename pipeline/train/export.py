@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import warnings
 from dataclasses import asdict, fields
@@ -294,21 +293,15 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with storage.atomic_open(str(path)) as fh:
         fh.write(struct.pack("<Q", len(head)))
         fh.write(head)
         for name in names:
             fh.write(_tensor_bytes(tensors[name]))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    storage.write_bytes(str(path), data)
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
